@@ -1,0 +1,7 @@
+"""Competition pipeline for semantic segmentation (VSPW, Cityscapes, CamVid, folder datasets).
+
+Stage scripts (``python pipeline/<stage>.py``) are thin wrappers over the library modules
+of this package; see the README for the chain that ``dvc repro`` runs.
+"""
+
+__version__ = "0.1.0"
