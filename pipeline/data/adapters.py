@@ -1,0 +1,243 @@
+"""Dataset adapters: turn a dataset's own folder layout into manifest frames and class info.
+
+Each adapter is chosen by name (``prepare.dataset``) and has an options dataclass, the nested
+``prepare.<name>`` section of params.yaml. An adapter only lists files and describes classes;
+decoding and checking every image and mask is :mod:`pipeline.prepare`'s job. Raw mask values
+are never rewritten: ``ClassInfo.mask_lut`` maps them to train ids when a mask is read.
+Cityscapes and VSPW live in their own modules because of their mapping tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from pipeline.config import build_section
+from pipeline.data.cityscapes import CityscapesOptions, cityscapes_dataset
+from pipeline.data.manifest import (IGNORE_INDEX, INVALID, SPLITS, ClassInfo, Frame, default_palette,
+                                    identity_lut)
+from pipeline.data.vspw import VSPWOptions, vspw_dataset
+from pipeline.errors import PipelineError, unknown_name
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist")
+CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+                  (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+CAMVID_VOID = 11  # "Unlabelled" in the SegNet copy
+_CAMVID_STEM = re.compile(r"^(?P<video>[^_]+)_\D*(?P<frame>\d+)$")  # 0001TP_006690, 0006R0_f00930
+
+
+def camvid_lut() -> np.ndarray:
+    """256-entry int16 LUT: 0..10 -> themselves, 11 (Unlabelled) and 255 -> void, rest INVALID."""
+    return identity_lut(len(CAMVID_CLASSES), void_values=(CAMVID_VOID, IGNORE_INDEX))
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class DemoOptions:
+    """``prepare.demo``: the synthetic video dataset (see :mod:`pipeline.data.demo`)."""
+
+    seed: int = 0
+    videos: int = 30
+    test_videos: int = 6
+    min_frames: int = 10
+    max_frames: int = 24
+    height: int = 96
+    width: int = 128
+
+
+@dataclass
+class FolderOptions:
+    """``prepare.folder``: ``root/<images>/`` + ``root/<masks>/`` paired by file stem."""
+
+    images: str = "images"
+    masks: str = "masks"
+    test_images: str = ""       # optional unlabelled (or labelled) test split
+    test_masks: str = ""
+    pattern: str = r"^(?P<video>.+?)[_-](?P<frame>\d+)$"  # stem -> video and frame number
+    class_names: list = field(default_factory=list)
+    num_classes: int = 0        # used when class_names is empty
+    void_values: list = field(default_factory=lambda: [IGNORE_INDEX])
+
+
+@dataclass
+class CamvidOptions:
+    """``prepare.camvid``: SegNet layout ``<split>/`` + ``<split>annot/``."""
+
+    train_splits: list = field(default_factory=lambda: ["train", "val"])
+
+
+# ----------------------------------------------------------------------------- adapters
+def demo_dataset(out_dir: Path, *, workers: int, **options: Any) -> tuple[list[Frame], ClassInfo]:
+    """Generate the synthetic demo under ``out_dir`` (imported lazily: it is optional)."""
+    from pipeline.data.demo import generate_demo
+
+    frames, classes = generate_demo(Path(out_dir), workers=workers, **options)
+    return list(frames), dataclasses.replace(classes, dataset="demo")
+
+
+def _parse_stem(stem: str, pattern: re.Pattern) -> tuple[str, int]:
+    """(video, frame number) from a file stem; a stem the pattern misses is a video of its own."""
+    match = pattern.match(stem)
+    if not match or not match["video"]:
+        return stem, 0
+    frame = match["frame"] or "0"
+    if not frame.isdigit():
+        raise PipelineError(f"{stem}: frame group of pattern {pattern.pattern!r} matched {frame!r}, not digits")
+    return match["video"], int(frame)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, test_masks: str, pattern: str,
+                   class_names: list, num_classes: int, void_values: list) -> tuple[list[Frame], ClassInfo]:
+    """Images of ``root/images`` (train, masks required) and ``root/test_images`` (masks optional)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise PipelineError(f"prepare.folder.pattern {pattern!r} is not a valid regex ({err})") from None
+    if not {"video", "frame"} <= set(regex.groupindex):
+        raise PipelineError(
+            f"prepare.folder.pattern {pattern!r} needs named groups (?P<video>...) and (?P<frame>...)")
+    if class_names and num_classes and len(class_names) != num_classes:
+        raise PipelineError(
+            f"prepare.folder: class_names has {len(class_names)} names but num_classes is {num_classes}")
+    names = [str(n) for n in class_names] or [f"class_{i}" for i in range(num_classes)]
+    if not names:
+        raise PipelineError("prepare.folder: set class_names (a list) or num_classes")
+    bad_void = [v for v in void_values if not (isinstance(v, int) and len(names) <= v <= 255)]
+    if bad_void:
+        raise PipelineError(f"prepare.folder.void_values: {bad_void[0]!r} must be an int in {len(names)}..255")
+    frames = []
+    for split, key, image_dir, mask_dir in (("train", "images", images, masks),
+                                            ("test", "test_images", test_images, test_masks)):
+        if not image_dir:
+            continue
+        folder = root / image_dir
+        if not folder.is_dir():
+            raise PipelineError(f"{folder}: image folder not found (prepare.folder.{key})")
+        for image in _images_in(folder):
+            mask = root / mask_dir / f"{image.stem}.png" if mask_dir else None
+            if split == "test" and mask is not None and not mask.is_file():
+                mask = None
+            video, frame = _parse_stem(image.stem, regex)
+            frames.append(Frame(id=image.stem, image=str(image), mask=str(mask) if mask else None,
+                                video=video, frame=frame, split=split))
+    classes = ClassInfo(names=names, palette=default_palette(len(names)),
+                        mask_lut=identity_lut(len(names), void_values).tolist(), dataset="folder")
+    return frames, classes
+
+
+def camvid_dataset(root: Path, *, train_splits: list) -> tuple[list[Frame], ClassInfo]:
+    """CamVid in the SegNet layout; ``train_splits`` go to ``train``, ``test/`` (if any) to ``test``."""
+    frames = []
+    for split in [*map(str, train_splits), "test"]:
+        target = "test" if split == "test" else "train"
+        folder = root / split
+        if not folder.is_dir():
+            if target == "train":
+                raise PipelineError(f"{folder}: CamVid split folder not found (prepare.camvid.train_splits)")
+            continue
+        for image in _images_in(folder):
+            mask = root / f"{split}annot" / f"{image.stem}.png"
+            has_mask = target == "train" or mask.is_file()
+            video, frame = _parse_stem(image.stem, _CAMVID_STEM)
+            if video == image.stem and "_" in image.stem:
+                video = image.stem.split("_", 1)[0]
+            frames.append(Frame(id=image.stem, image=str(image), mask=str(mask) if has_mask else None,
+                                video=video, frame=frame, split=target))
+    classes = ClassInfo(names=list(CAMVID_CLASSES), palette=[list(c) for c in CAMVID_PALETTE],
+                        mask_lut=camvid_lut().tolist(), dataset="camvid")
+    return frames, classes
+
+
+# ----------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Adapter:
+    """A dataset adapter: its options dataclass, its builder and the layout it expects."""
+
+    options: type
+    build: Callable[..., tuple[list[Frame], ClassInfo]]
+    layout: str
+    needs_root: bool = True
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "demo": Adapter(DemoOptions, demo_dataset, "generated", needs_root=False),
+    "folder": Adapter(FolderOptions, folder_dataset, "images/*.png|jpg + masks/*.png"),
+    "camvid": Adapter(CamvidOptions, camvid_dataset, "train/ trainannot/ val/ valannot/ [test/ testannot/]"),
+    "cityscapes": Adapter(CityscapesOptions, cityscapes_dataset,
+                          "leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_labelIds.png"),
+    "vspw": Adapter(VSPWOptions, vspw_dataset, "data/<video>/origin/*.jpg + data/<video>/mask/*.png"),
+}
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter called ``name``; an unknown name raises a PipelineError listing the valid ones."""
+    if name not in ADAPTERS:
+        raise unknown_name("dataset", name, list(ADAPTERS))
+    return ADAPTERS[name]
+
+
+def parse_options(name: str, values: Mapping[str, Any] | None, *, source: str = "params.yaml") -> Any:
+    """Validate the ``prepare.<name>`` section into the adapter's options dataclass (typos raise)."""
+    return build_section(get_adapter(name).options, values, section=f"prepare.{name}", source=source)
+
+
+def check_listing(frames: list[Frame], *, where: str, hint: str = "") -> None:
+    """Ids must be unique and free of '/', and there must be training frames."""
+    if not frames:
+        raise PipelineError(f"{where}: no frames found{hint}")
+    seen: dict[str, str] = {}
+    for f in frames:
+        if "/" in f.id or not f.id:
+            raise PipelineError(f"{f.image}: frame id {f.id!r} must be non-empty and contain no '/'")
+        if f.split not in SPLITS:
+            raise PipelineError(f"{f.image}: split {f.split!r} is not one of {', '.join(SPLITS)}")
+        if f.id in seen:
+            raise PipelineError(f"{f.image}: duplicate frame id {f.id!r} (also {seen[f.id]})")
+        seen[f.id] = f.image
+    if not any(f.split == "train" for f in frames):
+        raise PipelineError(f"{where}: no train frames found, only {len(frames)} test frame(s){hint}")
+
+
+def build_dataset(name: str, *, root: str | Path | None, work_dir: Path, options: Any,
+                  workers: int = 1) -> tuple[list[Frame], ClassInfo]:
+    """List the frames of dataset ``name`` and describe its classes, sorted by split, video, frame.
+
+    ``root`` is the dataset folder (unused by ``demo``, which writes its images under
+    ``work_dir/demo``); ``options`` is the adapter's options dataclass (see :func:`parse_options`).
+    Frames carry absolute paths (or paths under ``work_dir``) and height/width 0 until checked.
+    """
+    adapter = get_adapter(name)
+    if not isinstance(options, adapter.options):
+        raise TypeError(f"options for '{name}' must be {adapter.options.__name__}, got {type(options).__name__}")
+    kwargs = dataclasses.asdict(options)
+    if adapter.needs_root:
+        if not root or not str(root).strip():
+            raise PipelineError(f"prepare.root is empty: pass --root or set it for dataset '{name}'")
+        root = Path(root).expanduser().resolve()
+        if not root.is_dir():
+            raise PipelineError(f"{root}: dataset root not found")
+        frames, classes = adapter.build(root, **kwargs)
+        where, hint = str(root), f" for dataset '{name}' (expected {adapter.layout})"
+    else:
+        frames, classes = adapter.build(Path(work_dir) / name, workers=workers, **kwargs)
+        where, hint = f"dataset '{name}'", ""
+    check_listing(frames, where=where, hint=hint)
+    lut = classes.lut_array()
+    allowed = (lut == INVALID) | (lut == IGNORE_INDEX) | ((lut >= 0) & (lut < classes.num_classes))
+    if lut.shape != (256,) or not allowed.all():
+        raise ValueError(f"adapter '{name}' produced a mask LUT with entries outside the classes")
+    order = {s: i for i, s in enumerate(SPLITS)}
+    frames = sorted(frames, key=lambda f: (order[f.split], f.video, f.frame, f.id))
+    return frames, dataclasses.replace(classes, mask_lut=lut.astype(int).tolist())

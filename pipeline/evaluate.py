@@ -1,0 +1,177 @@
+"""Score predicted label maps against the manifest's masks: mIoU, accuracies, mVC8 and mVC16.
+
+    python pipeline/evaluate.py PRED_DIR [--manifest data/manifest.csv] [--classes FILE]
+                                [--split test] [--out PRED_DIR.eval.json]
+
+PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
+The value 255 means "no prediction": it is not an error, but such a pixel counts as wrong. It
+is scored as the class after the true one, ``(gt + 1) % C``, so it lowers the true class's IoU
+and accuracy exactly like a mistake would, and also adds a false positive to that
+neighbouring class; with a single class there is no wrong class to choose. Video consistency
+compares the raw predictions, 255 included, as VSPW's script does.
+
+The summary is printed as a table and written atomically as JSON beside the folder
+(``<PRED_DIR>.eval.json``). Other sources of predictions (a submission zip) only need a
+``load_pred(frame) -> HxW uint8`` callable for :func:`evaluate_predictions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import atomic, metrics
+from pipeline.config import load_section
+from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
+from pipeline.errors import PipelineError, run_cli
+
+NO_PREDICTION = 255
+
+
+@dataclass
+class EvaluateParams:
+    split: str = "test"
+
+
+@dataclass(frozen=True)
+class FolderPredictions:
+    """Predictions stored as ``<root>/<frame id>.png``; calling it loads one as HxW uint8."""
+
+    root: Path
+
+    def path(self, frame: Frame) -> Path:
+        return self.root / f"{frame.id}.png"
+
+    def describe(self, frame: Frame) -> str:
+        return str(self.path(frame))
+
+    def missing(self, frames: Sequence[Frame]) -> list[Frame]:
+        present = set(os.listdir(self.root))
+        return [f for f in frames if f"{f.id}.png" not in present]
+
+    def __call__(self, frame: Frame) -> np.ndarray:
+        return read_raw_mask(self.path(frame))
+
+
+def _checked_prediction(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, name: str,
+                        frame: Frame) -> np.ndarray:
+    """Validate one prediction against its mask's size and the class range; returns it as uint8."""
+    pred = np.asarray(pred)
+    if pred.shape != gt.shape:
+        raise PipelineError(f"{name}: prediction size {'x'.join(map(str, pred.shape))} differs "
+                            f"from the mask of frame '{frame.id}' ({gt.shape[0]}x{gt.shape[1]}, HxW)")
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        bad = np.unique(pred[(pred < 0) | ((pred >= num_classes) & (pred != NO_PREDICTION))])
+        if bad.size:
+            raise PipelineError(f"{name}: prediction value {int(bad[0])} is not a class "
+                                f"(0..{num_classes - 1}) nor {NO_PREDICTION} = no prediction")
+    return pred.astype(np.uint8, copy=False)
+
+
+def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
+                         load_pred: Callable[[Frame], np.ndarray], *,
+                         describe: Callable[[Frame], str] | None = None,
+                         progress: bool = True) -> dict:
+    """Score ``load_pred(frame)`` (HxW train ids, 255 = no prediction) on the labelled ``frames``.
+
+    Frames are visited video by video in frame order (video consistency needs it). Returns
+    :func:`pipeline.metrics.summarize`'s dict plus ``frames`` and ``videos`` counts.
+    ``describe(frame)`` names a prediction in error messages (its file, say).
+    """
+    labelled = sorted((f for f in frames if f.mask), key=lambda f: (f.video, f.frame, f.id))
+    if not labelled:
+        raise PipelineError("no labelled frames to evaluate")
+    describe = describe or (lambda f: f"prediction of frame '{f.id}'")
+    num_classes, lut = classes.num_classes, classes.lut_array()
+    # "No prediction" is scored as the class after the true one: always wrong when C > 1.
+    wrong = np.zeros(256, dtype=np.uint8)
+    wrong[:num_classes] = (np.arange(num_classes) + 1) % num_classes
+    cm = metrics.ConfusionMatrix(num_classes=num_classes, ignore_index=classes.ignore_index)
+    vc = metrics.VideoConsistency(windows=metrics.VC_WINDOWS)
+    videos = 0
+    with tqdm(total=len(labelled), desc="evaluate", unit="frame", disable=not progress) as bar:
+        for _, group in itertools.groupby(labelled, key=lambda f: f.video):
+            videos += 1
+            for frame in group:
+                gt = read_mask(frame.mask, lut)
+                pred = _checked_prediction(load_pred(frame), gt, num_classes=num_classes,
+                                           name=describe(frame), frame=frame)
+                scored = pred
+                if pred.max(initial=0) == NO_PREDICTION and num_classes <= NO_PREDICTION:
+                    scored = np.where(pred == NO_PREDICTION, wrong[gt], pred)
+                cm.update(gt, scored)
+                vc.add_frame(gt, pred)
+                bar.update()
+            vc.end_video()
+    summary = metrics.summarize(cm.matrix, class_names=classes.names, vc=vc.result())
+    summary.update(frames=len(labelled), videos=videos)
+    return summary
+
+
+def default_out(pred: str | os.PathLike) -> Path:
+    """``<pred>.eval.json`` beside the predictions (``preds/`` -> ``preds.eval.json``)."""
+    pred = Path(pred)
+    return pred.parent / f"{pred.name}.eval.json"
+
+
+def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
+                    classes_path: str | os.PathLike | None = None, split: str = "test",
+                    out: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Evaluate ``pred_dir`` on ``split`` of ``manifest`` and write the summary JSON to ``out``.
+
+    ``classes_path`` defaults to ``classes.json`` beside the manifest, ``out`` to
+    :func:`default_out`. Returns the summary that was written.
+    """
+    pred_dir, manifest = Path(pred_dir), Path(manifest)
+    if not pred_dir.exists():
+        raise PipelineError(f"{pred_dir}: prediction folder not found")
+    if not pred_dir.is_dir():
+        raise PipelineError(f"{pred_dir}: not a folder of <id>.png predictions")
+    classes_path = Path(classes_path) if classes_path else manifest.parent / "classes.json"
+    classes = read_classes(classes_path)
+    all_frames = read_manifest(manifest)
+    frames = sorted((f for f in all_frames if f.split == split and f.mask),
+                    key=lambda f: (f.video, f.frame, f.id))
+    if not frames:
+        splits = sorted({f.split for f in all_frames if f.mask})
+        raise PipelineError(f"{manifest}: split '{split}' has no labelled frames "
+                            f"(splits with labels: {', '.join(splits) or 'none'})")
+    source = FolderPredictions(pred_dir)
+    missing = source.missing(frames)
+    if missing:
+        raise PipelineError(f"{pred_dir}: {len(missing)} of {len(frames)} labelled '{split}' frames "
+                            f"have no prediction; first missing: {source.path(missing[0])}")
+    summary = evaluate_predictions(frames, classes, source, describe=source.describe,
+                                   progress=progress)
+    summary.update(split=split, predictions=str(pred_dir), manifest=str(manifest))
+    atomic.write_json(out or default_out(pred_dir), summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pred_dir", metavar="PRED_DIR", help="folder of <id>.png label maps")
+    parser.add_argument("--manifest", default="data/manifest.csv")
+    parser.add_argument("--classes", default=None, help="default: classes.json beside the manifest")
+    parser.add_argument("--split", default=None, help="manifest split to score (params: evaluate.split)")
+    parser.add_argument("--out", default=None, help="summary JSON (default: <PRED_DIR>.eval.json)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    params = load_section(EvaluateParams, "evaluate", args.params, overrides={"split": args.split})
+    out = Path(args.out) if args.out else default_out(args.pred_dir)
+    summary = evaluate_folder(args.pred_dir, manifest=args.manifest, classes_path=args.classes,
+                              split=params.split, out=out)
+    print(metrics.format_table(summary))
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

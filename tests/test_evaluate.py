@@ -1,0 +1,136 @@
+"""The evaluate stage on a tiny manifest: perfect and partial predictions, and every input error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
+from pipeline.errors import run_cli
+from pipeline.evaluate import main
+
+NUM_CLASSES = 3
+SHAPE = (8, 10)  # H x W
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8), mode="L").save(path)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Test videos of 18 and 5 labelled frames (+ one unlabelled), a train video; masks slowly change."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    frames, masks = [], {}
+    for video, n, split in (("v1", 18, "test"), ("v2", 5, "test"), ("t1", 4, "train")):
+        mask = rng.integers(0, NUM_CLASSES, size=SHAPE).astype(np.uint8)
+        mask[0, :3] = 255  # a few void pixels
+        for i in range(n):
+            mask = mask.copy()
+            mask[rng.integers(1, SHAPE[0]), rng.integers(0, SHAPE[1])] = rng.integers(0, NUM_CLASSES)
+            fid = f"{video}_{i:03d}"
+            _save(data / "masks" / f"{fid}.png", mask)
+            masks[fid] = mask
+            frames.append(Frame(id=fid, image=str(data / "images" / f"{fid}.jpg"),
+                                mask=str(data / "masks" / f"{fid}.png"), video=video, frame=i,
+                                split=split, height=SHAPE[0], width=SHAPE[1]))
+    frames.append(Frame(id="v2_unlabelled", image=str(data / "images" / "u.jpg"), mask=None,
+                        video="v2", frame=99, split="test", height=SHAPE[0], width=SHAPE[1]))
+    write_manifest(data / "manifest.csv", frames[::-1])  # order on disk must not matter
+    write_classes(data / "classes.json", ClassInfo(names=["a", "b", "c"],
+                                                   palette=default_palette(NUM_CLASSES)))
+    test_masks = {k: v for k, v in masks.items() if not k.startswith("t1")}
+    return tmp_path, test_masks
+
+
+def _write_preds(folder: Path, masks: dict) -> None:
+    for fid, mask in masks.items():
+        _save(folder / f"{fid}.png", np.where(mask == 255, 0, mask))
+
+
+def _run(tmp_path, *args):
+    argv = [*args, "--manifest", str(tmp_path / "data" / "manifest.csv"),
+            "--params", str(tmp_path / "no_params.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    return exit_info.value.code
+
+
+def test_perfect_predictions(dataset, capsys):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    assert _run(tmp_path, str(preds)) == 0
+    summary = json.loads((tmp_path / "preds.eval.json").read_text())
+    assert summary["mIoU"] == 1.0 and summary["pixel_accuracy"] == 1.0
+    assert summary["mVC8"] == 1.0 and summary["mVC16"] == 1.0  # v1 has 18 > 16 frames
+    assert summary["frames"] == 23 and summary["videos"] == 2 and summary["split"] == "test"
+    assert summary["labelled_pixels"] == 23 * (SHAPE[0] * SHAPE[1] - 3)
+    out = capsys.readouterr().out
+    assert "mIoU 100.00" in out and "mVC16 100.00" in out
+
+
+def test_no_prediction_value_counts_as_wrong(dataset):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    _save(preds / "v2_001.png", np.full(SHAPE, 255))  # nothing predicted on one frame
+    out = tmp_path / "custom.json"
+    assert _run(tmp_path, str(preds), "--out", str(out)) == 0
+    summary = json.loads(out.read_text())
+    per_frame = SHAPE[0] * SHAPE[1] - 3
+    assert summary["pixel_accuracy"] == pytest.approx(1 - per_frame / (23 * per_frame))
+    assert summary["mIoU"] < 1.0
+    assert not (tmp_path / "preds.eval.json").exists()
+
+
+def _assert_error(tmp_path, capsys, args, *needles):
+    assert _run(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = err.strip().splitlines()[-1]  # a progress bar may precede it
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_missing_predictions(dataset, capsys):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    (preds / "v1_004.png").unlink()
+    (preds / "v2_000.png").unlink()
+    _assert_error(tmp_path, capsys, [str(preds)], "2 of 23", "v1_004.png")
+
+
+def test_size_mismatch(dataset, capsys):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    _save(preds / "v1_002.png", np.zeros((SHAPE[0], SHAPE[1] + 1)))
+    _assert_error(tmp_path, capsys, [str(preds)], "v1_002.png", "8x11")
+
+
+def test_bad_prediction_value(dataset, capsys):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    bad = np.zeros(SHAPE)
+    bad[3, 3] = 7
+    _save(preds / "v2_003.png", bad)
+    _assert_error(tmp_path, capsys, [str(preds)], "v2_003.png", "value 7")
+
+
+def test_missing_dir_and_empty_split(dataset, capsys):
+    tmp_path, masks = dataset
+    _assert_error(tmp_path, capsys, [str(tmp_path / "nope")], "nope", "not found")
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    _assert_error(tmp_path, capsys, [str(preds), "--split", "val"], "manifest.csv", "'val'")
