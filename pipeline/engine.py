@@ -1,0 +1,375 @@
+"""The training loop of one run: schedule, SWA snapshots, validation, logs, resume, DDP.
+
+Everything that decides a run's result is a function of (config, fold, seed, data) and of the
+state saved in ``train/last.pt``: model, optimizer, scheduler, RNG states and the iteration.
+Batches depend only on (seed, iteration) (see :mod:`pipeline.data.dataset`), so killing a run
+and re-running the same command continues from the last checkpoint and, on the CPU with
+deterministic settings, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline import atomic
+from pipeline.checkpoint import (load_checkpoint, model_from_checkpoint, restore_training_state,
+                                 save_checkpoint)
+from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
+from pipeline.data.manifest import ClassInfo, Frame
+from pipeline.data.transforms import transform_from_params
+from pipeline.errors import PipelineError
+from pipeline.losses import build_loss
+from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
+from pipeline.models import build_model, to_channels_last, unwrap_model
+from pipeline.optim import build_optimizer, build_scheduler, swa_snapshot_iters
+from pipeline.predict import autocast, validate
+from pipeline.runs import RunConfig, RunPaths
+
+
+# ----------------------------------------------------------------------------- environment
+@dataclass(frozen=True)
+class Dist:
+    """Process placement: single process (world_size 1) or one rank of a torchrun job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the rank's CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"train.device: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"train.device is '{name}' but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# ----------------------------------------------------------------------------- run inputs
+@dataclass
+class RunData:
+    """The frames a run trains and validates on, and the class prior of its training folds."""
+
+    train_frames: list[Frame]
+    val_frames: list[Frame]
+    classes: ClassInfo
+    prior_counts: np.ndarray  # int64 [C]: pixels per class over the training frames
+
+
+def teacher_weights(teacher: str, *, runs_dir: Path, fold: int | str, seed: int) -> Path:
+    """Resolve ``distill.teacher``: a config name (its run of the same fold), a run dir or a file.
+
+    A run's SWA weights are used when present, else its best checkpoint.
+    """
+    path = Path(teacher)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise PipelineError(f"{path}: teacher checkpoint not found")
+        return path
+    run_dir = path if path.is_dir() else runs_dir / f"{teacher}_f{fold}_s{seed}"
+    if not run_dir.is_dir():
+        raise PipelineError(f"distill.teacher '{teacher}': run {run_dir} not found; train the "
+                            f"teacher first (python pipeline/train.py --model {teacher} "
+                            f"--fold {fold} --seed {seed})")
+    return RunPaths(run_dir).final_weights()
+
+
+def load_run_data(*, manifest: Path, classes_path: Path, counts_path: Path, folds_path: Path,
+                  fold: int | str) -> RunData:
+    """Frames of the training folds (all but ``fold``) and of ``fold``, and the training prior."""
+    from pipeline.data.manifest import read_class_counts, read_classes, read_manifest
+    from pipeline.splits import train_val_ids
+
+    frames = {f.id: f for f in read_manifest(manifest, split="train")}
+    train_ids, val_ids = train_val_ids(folds_path, fold)
+    missing = [i for i in train_ids + val_ids if i not in frames]
+    if missing:
+        raise PipelineError(f"{folds_path}: {len(missing)} id(s) not in {manifest} (first: "
+                            f"{missing[0]}); re-run `python pipeline/folds.py`")
+    if not train_ids:
+        raise PipelineError(f"{folds_path}: fold {fold} leaves no frame to train on")
+    if fold != "all" and not val_ids:
+        raise PipelineError(f"{folds_path}: fold {fold} has no frames")
+    classes = read_classes(classes_path)
+    ids, counts = read_class_counts(counts_path)
+    row = {i: k for k, i in enumerate(ids)}
+    rows = [row[i] for i in train_ids if i in row]
+    prior = counts[rows].sum(axis=0) if rows else np.zeros(classes.num_classes, dtype=np.int64)
+    return RunData(train_frames=[frames[i] for i in train_ids],
+                   val_frames=[frames[i] for i in val_ids], classes=classes, prior_counts=prior)
+
+
+# ----------------------------------------------------------------------------- CSV logs
+def _append_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, *, upto: int) -> None:
+    """Keep rows with iteration <= ``upto`` (a resumed run re-logs what came after)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    kept = [r for r in body if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= upto]
+    with atomic.atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        csv.writer(fh).writerows([header, *kept])
+
+
+# ----------------------------------------------------------------------------- the loop
+class NonFiniteLoss(PipelineError):
+    pass
+
+
+def _ckpt_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict) -> dict:
+    return {"model": model_spec, "run": cfg.to_dict(), "fold": fold, "seed": seed}
+
+
+def _compatible(ckpt: dict, config: dict) -> bool:
+    saved = ckpt.get("config") or {}
+    return all(saved.get(k) == config[k] for k in ("run", "fold", "seed", "model"))
+
+
+def _scores(cm: np.ndarray, classes: ClassInfo) -> dict:
+    ious = iou_per_class(cm)
+    return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
+            "per_class_iou": {n: (None if np.isnan(v) else float(v))
+                              for n, v in zip(classes.names, ious)}}
+
+
+def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data: RunData,
+              device: torch.device, num_workers: int = 0, teacher: Path | None = None,
+              dist: Dist = Dist(), deterministic: bool = True, progress: bool = True) -> dict:
+    """Train one run to completion (resuming from ``paths.last`` when compatible).
+
+    Returns the run's metrics (also written to ``paths.metrics`` by rank 0): best and last
+    validation mIoU, per-class IoU of the last weights, iterations and images/s.
+    """
+    m, classes = cfg.model, data.classes
+    seed_everything(seed, deterministic=deterministic)
+    la = cfg.logit_adjust
+    logit_adjust = ({"tau": la.tau, "scale": la.scale, "prior": data.prior_counts.tolist(),
+                     "keep_prior_at_eval": la.keep_prior_at_eval} if la.enabled else None)
+    model = build_model(arch=m.arch, encoder=m.encoder, num_classes=classes.num_classes,
+                        weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)
+    config = _ckpt_config(cfg, fold, seed, dict(model.model_config))
+    model.to(device)
+    cuda = device.type == "cuda"
+    if cuda and m.channels_last:
+        model = to_channels_last(model)
+
+    opt = cfg.optimizer
+    optimizer = build_optimizer(model, name=opt.name, lr=opt.lr, weight_decay=opt.weight_decay,
+                                head_lr_mult=opt.head_lr_mult, momentum=opt.momentum)
+    sch, swa = cfg.schedule, cfg.swa
+    scheduler = build_scheduler(optimizer, max_iters=m.iters, warmup_iters=sch.warmup_iters,
+                                warmup_ratio=sch.warmup_ratio, power=sch.power,
+                                min_lr_ratio=sch.min_lr_ratio, swa_iters=swa.iters,
+                                swa_cycle=swa.interval, swa_max_ratio=swa.max_lr_ratio,
+                                swa_min_ratio=swa.min_lr_ratio)
+    crop = m.augment.get("crop")
+    specs = list(m.loss)
+    teacher_model = None
+    if teacher is not None:
+        specs.append({"name": "distill", "weight": cfg.distill.weight,
+                      "temperature": cfg.distill.temperature})
+        teacher_model, _ = model_from_checkpoint(teacher)
+        teacher_model.to(device).eval().requires_grad_(False)
+    loss_fn = build_loss(specs, ignore_index=classes.ignore_index, crop_hw=crop,
+                         where=f"models.{cfg.name}.loss")
+
+    # ---- resume
+    total = cfg.total_iters
+    start, state = 0, {"best_miou": None, "best_iter": None, "last": None}
+    if paths.last.is_file():
+        ckpt = load_checkpoint(paths.last)
+        if _compatible(ckpt, config):
+            start = restore_training_state(ckpt, model=model, optimizer=optimizer,
+                                           scheduler=scheduler)
+            state.update((ckpt.get("extra") or {}).get("state", {}))
+            if dist.is_main:
+                print(f"resuming {paths.root.name} from iteration {start}/{total}", flush=True)
+        else:
+            if dist.is_main:
+                print(f"{paths.last}: saved with another config; starting {paths.root.name} over",
+                      flush=True)
+                shutil.rmtree(paths.train_dir)
+            dist.barrier()
+    if dist.is_main:
+        paths.train_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(paths.log, upto=start)
+        _truncate_log(paths.val_log, upto=start)
+
+    train_ds = SegmentationDataset(data.train_frames, classes=classes, transform=transform_from_params(
+        m.augment, train=True, source=f"models.{cfg.name}.augment"))
+    val_ds = SegmentationDataset(data.val_frames, classes=classes, transform=transform_from_params(
+        m.augment, train=False, source=f"models.{cfg.name}.augment")) if data.val_frames else None
+
+    net: nn.Module = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    snapshot_at = set(swa_snapshot_iters(max_iters=m.iters, swa_iters=swa.iters, swa_cycle=swa.interval))
+    ckpt_every = m.ckpt_interval or m.val_interval
+
+    def save(path: Path, *, full: bool, metric: dict | None) -> None:
+        save_checkpoint(path, model=model, config=config, classes=classes.to_json(), fold=fold,
+                        seed=seed, iteration=it, metric=metric,
+                        optimizer=optimizer if full else None,
+                        scheduler=scheduler if full else None, rng_state=full,
+                        extra={"state": state} if full else None)
+
+    it = start
+    saved_at = start if paths.last.is_file() else None
+    if it < total:
+        loader = build_loader(train_ds, batch_size=m.batch_size, num_workers=num_workers, seed=seed,
+                              start_iter=start, rank=dist.rank, world_size=dist.world_size)
+        batches = iter(loader)
+        bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
+                   disable=(not progress or not dist.is_main) or None, mininterval=1.0)
+        net.train()
+        t0, seen = time.perf_counter(), 0
+        while it < total:
+            batch = next(batches)
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            if cuda and m.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, m.amp):
+                logits = net(images)
+                teacher_logits = None
+                if teacher_model is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher_model(images).float()
+            loss, parts = loss_fn(logits.float(), masks, teacher_logits=teacher_logits)
+            bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
+            if dist.enabled:
+                torch_dist.all_reduce(bad)
+            if bad.item():
+                bar.close()
+                kept = (f"{paths.last} (iteration {saved_at})" if saved_at is not None
+                        else "none yet")
+                raise NonFiniteLoss(f"{paths.root.name}: loss is {loss.item()} at iteration {it}; "
+                                    f"stopped. Last good checkpoint: {kept}. Lower the lr or set "
+                                    f"grad_clip in models.{cfg.name}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if m.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            it += 1
+            seen += images.shape[0] * dist.world_size
+            bar.update(1)
+
+            if dist.is_main and (it % m.log_interval == 0 or it == total):
+                speed = seen / max(time.perf_counter() - t0, 1e-9)
+                row = {"iter": it, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
+                       **{k: f"{v.item():.5f}" for k, v in parts.items()},
+                       "images_per_s": f"{speed:.2f}"}
+                _append_row(paths.log, row)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+
+            if dist.is_main and (it - 1) in snapshot_at:
+                save(paths.snapshot(it), full=False, metric=None)
+
+            validate_now = val_ds is not None and (it % m.val_interval == 0 or it in (m.iters, total))
+            if validate_now and dist.is_main:
+                cm = validate(model, build_eval_loader(val_ds), num_classes=classes.num_classes,
+                              device=device, amp=m.amp, ignore_index=classes.ignore_index)
+                scores = _scores(cm, classes)
+                state["last"] = {"iter": it, **scores}
+                if state["best_miou"] is None or scores["miou"] > state["best_miou"]:
+                    state["best_miou"], state["best_iter"] = scores["miou"], it
+                    save(paths.best, full=False, metric={"miou": scores["miou"], "iter": it})
+                _append_row(paths.val_log, {"iter": it, "miou": f"{scores['miou']:.5f}",
+                                            "pixel_acc": f"{scores['pixel_acc']:.5f}"})
+                bar.write(f"{paths.root.name} iter {it}: val mIoU {100 * scores['miou']:.2f} "
+                          f"(best {100 * state['best_miou']:.2f} @ {state['best_iter']})")
+            if it % ckpt_every == 0 or it in (m.iters, total):
+                if dist.is_main:
+                    save(paths.last, full=True, metric=state["last"])
+                saved_at = it
+                dist.barrier()
+            elif validate_now:
+                dist.barrier()
+        bar.close()
+        state["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+
+    if val_ds is None and dist.is_main and not paths.best.is_file():
+        shutil.copyfile(paths.last, paths.best)  # no validation: the last weights are the best
+    metrics = {"run": paths.root.name, "model": cfg.name, "fold": fold, "seed": seed,
+               "iterations": total, "train_frames": len(data.train_frames),
+               "val_frames": len(data.val_frames), "best_miou": state["best_miou"],
+               "best_iter": state["best_iter"],
+               "last_miou": (state["last"] or {}).get("miou"),
+               "last_pixel_acc": (state["last"] or {}).get("pixel_acc"),
+               "last_per_class_iou": (state["last"] or {}).get("per_class_iou"),
+               "images_per_s": state.get("images_per_s"),
+               "swa_snapshots": sorted(p.name for p in paths.snapshots.glob("swa_*.pt"))
+               if paths.snapshots.is_dir() else []}
+    if dist.is_main:
+        atomic.write_json(paths.metrics, metrics)
+    dist.barrier()
+    return metrics
