@@ -241,22 +241,28 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
     # ---- resume
     total = cfg.total_iters
     start, state = 0, {"best_miou": None, "best_iter": None, "last": None}
+    resumed = False
     if paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
         if _compatible(ckpt, config):
             start = restore_training_state(ckpt, model=model, optimizer=optimizer,
                                            scheduler=scheduler)
             state.update((ckpt.get("extra") or {}).get("state", {}))
+            resumed = True
             if dist.is_main:
                 print(f"resuming {paths.root.name} from iteration {start}/{total}", flush=True)
-        else:
-            if dist.is_main:
-                print(f"{paths.last}: saved with another config; starting {paths.root.name} over",
-                      flush=True)
-                shutil.rmtree(paths.train_dir)
-            dist.barrier()
+        elif dist.is_main:
+            print(f"{paths.last}: saved with another config; starting {paths.root.name} over",
+                  flush=True)
+        dist.barrier()  # every rank has read last.pt before rank 0 may delete it
     if dist.is_main:
+        if not resumed:  # a fresh start keeps nothing of an earlier run (other config, killed)
+            shutil.rmtree(paths.train_dir, ignore_errors=True)
+            for stale in (paths.log, paths.val_log, paths.metrics, paths.swa):
+                stale.unlink(missing_ok=True)
         paths.train_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in paths.train_dir.rglob(".*.tmp"):  # a save cut short by a kill
+            tmp.unlink(missing_ok=True)
         _truncate_log(paths.log, upto=start)
         _truncate_log(paths.val_log, upto=start)
 
@@ -280,7 +286,7 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
                         extra={"state": state} if full else None)
 
     it = start
-    saved_at = start if paths.last.is_file() else None
+    saved_at = start if resumed else None
     if it < total:
         loader = build_loader(train_ds, batch_size=m.batch_size, num_workers=num_workers, seed=seed,
                               start_iter=start, rank=dist.rank, world_size=dist.world_size)
@@ -348,28 +354,30 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
                 bar.write(f"{paths.root.name} iter {it}: val mIoU {100 * scores['miou']:.2f} "
                           f"(best {100 * state['best_miou']:.2f} @ {state['best_iter']})")
             if it % ckpt_every == 0 or it in (m.iters, total):
+                # kept in last.pt, so that re-running a finished run rewrites the same metrics
+                state["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
                 if dist.is_main:
                     save(paths.last, full=True, metric=state["last"])
                 saved_at = it
                 dist.barrier()
             elif validate_now:
                 dist.barrier()
-        bar.close()
-        state["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.close()  # state["images_per_s"] was saved with the final checkpoint
 
     if val_ds is None and dist.is_main and not paths.best.is_file():
-        shutil.copyfile(paths.last, paths.best)  # no validation: the last weights are the best
-    metrics = {"run": paths.root.name, "model": cfg.name, "fold": fold, "seed": seed,
-               "iterations": total, "train_frames": len(data.train_frames),
-               "val_frames": len(data.val_frames), "best_miou": state["best_miou"],
-               "best_iter": state["best_iter"],
-               "last_miou": (state["last"] or {}).get("miou"),
-               "last_pixel_acc": (state["last"] or {}).get("pixel_acc"),
-               "last_per_class_iou": (state["last"] or {}).get("per_class_iou"),
+        with atomic.atomic_path(paths.best) as tmp:  # no validation: the last weights are the best
+            shutil.copyfile(paths.last, tmp)
+    last = state["last"] or {}
+    metrics = {"fold": fold, "seed": seed, "iterations": total,
+               "train_frames": len(data.train_frames), "val_frames": len(data.val_frames),
+               "best_miou": state["best_miou"], "best_iter": state["best_iter"],
+               "last_miou": last.get("miou"), "last_pixel_acc": last.get("pixel_acc"),
                "images_per_s": state.get("images_per_s"),
-               "swa_snapshots": sorted(p.name for p in paths.snapshots.glob("swa_*.pt"))
-               if paths.snapshots.is_dir() else []}
+               "swa_snapshots": len(list(paths.snapshots.glob("swa_*.pt")))
+               if paths.snapshots.is_dir() else 0}
     if dist.is_main:
+        atomic.write_json(paths.class_iou, {"iter": last.get("iter"),
+                                            "per_class_iou": last.get("per_class_iou")})
         atomic.write_json(paths.metrics, metrics)
     dist.barrier()
     return metrics

@@ -8,8 +8,9 @@ architecture with different settings. A run is (model config, fold, seed) and li
       last.pt        resumable checkpoint (model, optimizer, scheduler, RNG states)
       best.pt        best validation mIoU (equal to last.pt when there is no validation)
       snapshots/     swa_<iteration>.pt, one per SWA cycle
-      log.csv        iteration, lr, loss parts, images/s
-      val.csv        iteration, mIoU, pixel accuracy at each validation
+      class_iou.json per-class IoU of the last validation
+    log.csv          iteration, lr, loss parts, images/s (a DVC plot)
+    val.csv          iteration, mIoU, pixel accuracy at each validation (a DVC plot)
     metrics.json     the run's final metrics (written by train.py)
     swa.pt           averaged weights (written by swa.py)
 """
@@ -179,8 +180,26 @@ def load_model_params(name: str, params_path: str | Path = "params.yaml") -> Run
 
 def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
     params = read_params(params_path)
-    return build_section(TrainParams, params.get("train"), section="train",
-                         source=str(params_path))
+    train = build_section(TrainParams, params.get("train"), section="train",
+                          source=str(params_path))
+    models = params.get("models") or {}
+    for name in train.models:
+        if name not in models:
+            raise PipelineError(f"{params_path}: train.models: "
+                                f"{unknown_name('model config', str(name), list(models))}")
+    for i, student in enumerate(train.students):
+        if not (isinstance(student, dict) and set(student) == {"name", "teacher"}):
+            raise PipelineError(f"{params_path}: train.students[{i}] must be "
+                                f"{{name: <config>, teacher: <config>}}, got {student!r}")
+        for key in ("name", "teacher"):
+            if student[key] not in models:
+                raise PipelineError(f"{params_path}: train.students[{i}].{key}: "
+                                    f"{unknown_name('model config', str(student[key]), list(models))}")
+        teacher = ((models[student["name"]] or {}).get("distill") or {}).get("teacher")
+        if teacher != student["teacher"]:
+            raise PipelineError(f"{params_path}: train.students[{i}]: teacher '{student['teacher']}' "
+                                f"differs from models.{student['name']}.distill.teacher ({teacher!r})")
+    return train
 
 
 def parse_fold(fold: str | int) -> int | str:
@@ -227,11 +246,15 @@ class RunPaths:
 
     @property
     def log(self) -> Path:
-        return self.train_dir / "log.csv"
+        return self.root / "log.csv"
 
     @property
     def val_log(self) -> Path:
-        return self.train_dir / "val.csv"
+        return self.root / "val.csv"
+
+    @property
+    def class_iou(self) -> Path:
+        return self.train_dir / "class_iou.json"
 
     @property
     def metrics(self) -> Path:
