@@ -32,7 +32,7 @@ from pipeline.data.transforms import transform_from_params
 from pipeline.errors import PipelineError
 from pipeline.losses import build_loss
 from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
-from pipeline.models import build_model, to_channels_last, unwrap_model
+from pipeline.models import build_model, to_channels_last
 from pipeline.optim import build_optimizer, build_scheduler, swa_snapshot_iters
 from pipeline.predict import autocast, validate
 from pipeline.runs import RunConfig, RunPaths

@@ -22,13 +22,6 @@ SPEC = {"arch": "unet", "encoder": "resnet18", "num_classes": 3,
         "logit_adjust": {"tau": 0.5, "prior": [5.0, 3.0, 2.0]}}
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Tiny models run faster on one thread than on OpenMP threads fighting for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model():

@@ -17,13 +17,6 @@ X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 PRIOR = [100.0, 10.0, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Tiny models run faster on one thread than on OpenMP threads fighting for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _unet(**kwargs):

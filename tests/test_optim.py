@@ -14,13 +14,6 @@ from pipeline.optim import (build_optimizer, build_scheduler, cyclic, param_grou
                             swa_snapshot_iters, warmup_poly)
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Tiny models run faster on one thread than on OpenMP threads fighting for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyViTSeg(nn.Module):

@@ -1,0 +1,233 @@
+"""Probability-map storage: size, speed and fidelity of pipeline.probstore against float32 files.
+
+    python bench/probstore.py [--frames 500] [--classes 10] [--height 96] [--width 128]
+                              [--stride 1] [--big] [--dir DIR] [--members 5] [--repeat 3]
+
+Maps are softmax(smooth random logits): low-resolution Gaussian noise upsampled (bilinear) to the
+frame size and scaled so most pixels are confident, with soft borders between classes, like a
+segmentation network's output. ``--big`` = 12 frames of 19 classes at 512x1024 (half-size
+Cityscapes).
+Contenders, side by side in one process on the same frames (one file per frame):
+
+  * f32 npz-zip : np.savez_compressed of float32 (nnU-Net's softmax export);
+  * f32 npy     : np.save of float32, uncompressed;
+  * uint8 / float16 via probstore.write_probs, zip level 0 (stored), 1 and 6.
+
+Per contender: bytes per class-pixel, write and read MB/s in MB of float32-equivalent data
+(C*H*W*4 bytes per frame; files go to --dir, so reads usually come from the page cache),
+max |read - original| and argmax agreement with the original (on the stored grid).
+
+The ensemble check (``ensemble_miou_float_vs_quantized``) takes two sets of member maps and the
+labels and returns both mIoUs; inference does not exist yet, so this script runs it on a
+synthetic ensemble (members = noisy copies of a ground-truth logit field). Point it at the demo
+OOF predictions once infer.py writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from pipeline.metrics import ConfusionMatrix, mean_iou
+from pipeline.probstore import read_probs, write_probs
+
+
+def smooth_softmax(rng: np.random.Generator, *, classes: int, height: int, width: int,
+                   scale: float = 6.0) -> np.ndarray:
+    """float32 [C, H, W] softmax of Gaussian noise on a coarse grid (cells of max(16, H/16)
+    pixels), bilinearly upsampled."""
+    cell = max(16, height // 16)
+    lo = rng.normal(size=(classes, -(-height // cell) + 1, -(-width // cell) + 1))
+    logits = ndimage.zoom(lo.astype(np.float32), (1, cell, cell), order=1,
+                          output=np.float32)[:, :height, :width] * scale
+    return softmax(logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- contenders
+def f32_npz_write(path: Path, probs: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, probabilities=probs)
+
+
+def f32_npz_read(path: Path) -> np.ndarray:
+    with np.load(path) as npz:
+        return npz["probabilities"]
+
+
+def f32_npy_write(path: Path, probs: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, probs)
+
+
+def probstore_writer(quant: str, compress: int, stride: int) -> Callable:
+    return lambda path, probs: write_probs(path, probs, quant=quant, compress=compress,
+                                           stride=stride)
+
+
+def contenders(stride: int) -> dict[str, tuple[Callable, Callable, int]]:
+    """name -> (write(path, probs), read(path), stride)."""
+    table = {"f32 npz-zip (nnU-Net)": (f32_npz_write, f32_npz_read, 1),
+             "f32 npy": (f32_npy_write, np.load, 1)}
+    for quant in ("uint8", "float16"):
+        for level in (0, 1, 6):
+            table[f"{quant} zip-{level}"] = (probstore_writer(quant, level, 1), read_probs, 1)
+    if stride > 1:
+        table[f"uint8 zip-1 stride {stride}"] = (probstore_writer("uint8", 1, stride), read_probs,
+                                                 stride)
+    return table
+
+
+def measure(frames: Sequence[np.ndarray], write: Callable, read: Callable, stride: int,
+            out: Path, repeat: int) -> dict:
+    """Best-of-``repeat`` write and read times of all frames, then size and fidelity."""
+    out.mkdir(parents=True)
+    paths = [out / f"{i:05d}.npz" for i in range(len(frames))]
+    t_write = t_read = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for path, probs in zip(paths, frames):
+            write(path, probs)
+        t_write = min(t_write, time.perf_counter() - start)
+        start = time.perf_counter()
+        for path in paths:
+            read(path)
+        t_read = min(t_read, time.perf_counter() - start)
+    size = sum(p.stat().st_size for p in paths)
+    err, agree, pixels = 0.0, 0, 0
+    for path, probs in zip(paths, frames):
+        back, ref = read(path), probs[:, ::stride, ::stride]
+        err = max(err, float(np.abs(back - ref).max()))
+        agree += int((back.argmax(axis=0) == ref.argmax(axis=0)).sum())
+        pixels += ref[0].size
+    shutil.rmtree(out)
+    mb = sum(p.nbytes for p in frames) / 1e6
+    return {"bytes_per_class_pixel": size / sum(p.size for p in frames),
+            "write_mb_s": mb / t_write, "read_mb_s": mb / t_read, "max_abs_err": err,
+            "argmax_agreement": agree / pixels}
+
+
+# ----------------------------------------------------------------------------- ensemble mIoU
+def _ensemble_labels(maps: np.ndarray) -> np.ndarray:
+    maps = np.asarray(maps)
+    mean = maps.mean(axis=0) if maps.ndim == 4 else maps
+    return mean.argmax(axis=0).astype(np.uint8)
+
+
+def ensemble_miou_float_vs_quantized(float_maps: Iterable[np.ndarray],
+                                     quant_maps: Iterable[np.ndarray],
+                                     labels: Iterable[np.ndarray], *, num_classes: int,
+                                     ignore_index: int = 255) -> tuple[float, float]:
+    """mIoU of the argmax of the member-mean map, for float32 maps and for their stored copies.
+
+    Per frame: ``float_maps`` and ``quant_maps`` items are [M, C, H, W] (M members, averaged)
+    or an already averaged [C, H, W]; ``labels`` items are uint8 [H, W] train ids (255 = void).
+    Returns (mIoU of the float maps, mIoU of the quantized maps).
+    """
+    cm_f = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+    cm_q = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+    for f_maps, q_maps, gt in zip(float_maps, quant_maps, labels, strict=True):
+        cm_f.update(gt, _ensemble_labels(f_maps))
+        cm_q.update(gt, _ensemble_labels(q_maps))
+    return mean_iou(cm_f.matrix), mean_iou(cm_q.matrix)
+
+
+def synthetic_ensemble_check(rng: np.random.Generator, *, frames: int, members: int, classes: int,
+                             height: int, width: int, work: Path) -> tuple[float, float, float]:
+    """Both mIoUs on a synthetic ensemble (uint8 zip-1 copies); also returns the fraction of
+    pixels whose ensemble label differs between the two."""
+    float_sets, quant_sets, labels = [], [], []
+    changed = total = 0
+    for i in tqdm(range(frames), desc="synthetic ensemble", leave=False):
+        truth = np.log(smooth_softmax(rng, classes=classes, height=height, width=width))
+        gt = truth.argmax(axis=0).astype(np.uint8)
+        maps = np.stack([softmax(truth + 3.0 * smooth_logit_noise(rng, truth.shape))
+                         for _ in range(members)])
+        back = []
+        for m, probs in enumerate(maps):
+            path = work / f"{i}_{m}.npz"
+            write_probs(path, probs)
+            back.append(read_probs(path))
+            path.unlink()
+        back = np.stack(back)
+        changed += int((_ensemble_labels(maps) != _ensemble_labels(back)).sum())
+        total += gt.size
+        float_sets.append(maps)
+        quant_sets.append(back)
+        labels.append(gt)
+    miou_f, miou_q = ensemble_miou_float_vs_quantized(float_sets, quant_sets, labels,
+                                                      num_classes=classes)
+    return miou_f, miou_q, changed / total
+
+
+def smooth_logit_noise(rng: np.random.Generator, shape: tuple[int, ...],
+                       cell: int = 8) -> np.ndarray:
+    c, h, w = shape
+    lo = rng.normal(size=(c, -(-h // cell) + 1, -(-w // cell) + 1))
+    return ndimage.zoom(lo, (1, cell, cell), order=1)[:, :h, :w]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=1, help="also time uint8 with this stride")
+    parser.add_argument("--big", action="store_true", help="12 frames, 19 classes, 512x1024")
+    parser.add_argument("--members", type=int, default=5, help="synthetic ensemble size (0 = skip)")
+    parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many passes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.big:
+        args.frames, args.classes, args.height, args.width = 12, 19, 512, 1024
+
+    rng = np.random.default_rng(args.seed)
+    frames = [smooth_softmax(rng, classes=args.classes, height=args.height, width=args.width)
+              for _ in tqdm(range(args.frames), desc="maps", leave=False)]
+    mb = sum(p.nbytes for p in frames) / 1e6
+    print(f"{args.frames} maps of {args.classes}x{args.height}x{args.width} "
+          f"({mb:.0f} MB float32), best of {args.repeat}, {os.cpu_count()} CPU(s), "
+          f"numpy {np.__version__}")
+    work = Path(tempfile.mkdtemp(prefix="probstore_bench_", dir=args.dir))
+    results = {}
+    try:
+        print(f"  {'contender':<26}{'B/class-px':>11}{'write MB/s':>12}{'read MB/s':>11}"
+              f"{'max err':>10}{'argmax ok':>11}")
+        for i, (name, (write, read, stride)) in enumerate(contenders(args.stride).items()):
+            r = measure(frames, write, read, stride, work / str(i), args.repeat)
+            results[name] = r
+            print(f"  {name:<26}{r['bytes_per_class_pixel']:>11.3f}{r['write_mb_s']:>12.0f}"
+                  f"{r['read_mb_s']:>11.0f}{r['max_abs_err']:>10.2e}"
+                  f"{r['argmax_agreement']:>10.4%}")
+        print(f"  (uint8 bound 1/510 = {1 / 510:.2e}; target <= 1 byte per class-pixel for uint8)")
+        if args.members:
+            n = min(args.frames, 50)
+            miou_f, miou_q, changed = synthetic_ensemble_check(
+                rng, frames=n, members=args.members, classes=args.classes,
+                height=args.height, width=args.width, work=work)
+            results["ensemble"] = {"miou_float32": miou_f, "miou_uint8": miou_q,
+                                   "label_changed": changed}
+            print(f"  synthetic {args.members}-member ensemble, {n} frames: mIoU float32 "
+                  f"{miou_f:.4%}, uint8 {miou_q:.4%}, labels changed at {changed:.4%} of pixels")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

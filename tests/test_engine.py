@@ -1,0 +1,249 @@
+"""The training loop (pipeline.engine.train_run) in process, on the tiny demo workspace:
+learning, self-describing checkpoints, SWA snapshots, resume, restarts, non-finite losses."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+
+from pipeline import engine
+from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.data.dataset import SegmentationDataset
+from pipeline.data.demo import CLASSES
+from pipeline.data.transforms import eval_transform
+from pipeline.engine import NonFiniteLoss, load_run_data, train_run
+from pipeline.models import CosineClassifier
+from pipeline.predict import forward_padded
+from pipeline.runs import RunPaths, parse_model_params, run_name
+
+CPU = torch.device("cpu")
+
+
+
+
+def _cfg(ws, name: str = "tiny", **overrides):
+    """The workspace's tiny config with top-level keys replaced."""
+    values = copy.deepcopy(ws.read_params()["models"][ws.model])
+    values.update(overrides)
+    return parse_model_params(name, values)
+
+
+def _data(ws, fold=0):
+    return load_run_data(manifest=ws.manifest, classes_path=ws.classes, counts_path=ws.counts,
+                         folds_path=ws.folds, fold=fold)
+
+
+def _train(ws, cfg, runs, *, fold=0, seed=0, data=None):
+    paths = RunPaths(runs / run_name(cfg.name, fold, seed))
+    metrics = train_run(cfg=cfg, paths=paths, fold=fold, seed=seed, data=data or _data(ws, fold),
+                        device=CPU, num_workers=0, progress=False)
+    return paths, metrics
+
+
+def _rows(path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _iters(path) -> list[int]:
+    return [int(r["iter"]) for r in _rows(path)]
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _loss_hook(monkeypatch, hook):
+    """Make train_run's loss call ``hook(call_index, loss, parts)`` after the real loss."""
+    real_build = engine.build_loss
+
+    def build(*args, **kwargs):
+        real, calls = real_build(*args, **kwargs), itertools.count()
+
+        def loss_fn(*a, **k):
+            return hook(next(calls), *real(*a, **k))
+        return loss_fn
+
+    monkeypatch.setattr(engine, "build_loss", build)
+
+
+# ----------------------------------------------------------------------------- a whole run
+def test_short_run_learns_and_writes_self_describing_checkpoints(demo_workspace, tmp_path):
+    ws = demo_workspace
+    swa = {"iters": 4, "interval": 2, "max_lr_ratio": 0.1, "min_lr_ratio": 0.01}
+    cfg = _cfg(ws, iters=24, val_interval=12, ckpt_interval=0, swa=swa,
+               augment={"crop": [32, 32], "hflip": 0.0, "photometric": False},
+               optimizer={"name": "adamw", "lr": 0.01, "head_lr_mult": 1.0})
+    full = _data(ws)
+    data = dataclasses.replace(full, train_frames=full.train_frames[:4])  # one batch: overfit it
+    paths, metrics = _train(ws, cfg, tmp_path / "runs", data=data)
+
+    log = _rows(paths.log)
+    assert [int(r["iter"]) for r in log] == list(range(1, 29))
+    losses = [float(r["loss"]) for r in log]
+    assert all(r["loss"] == r["ce"] for r in log)
+    early, late = sum(losses[:4]) / 4, sum(losses[20:24]) / 4
+    assert late < 0.6 * early, losses
+
+    assert json.loads(paths.metrics.read_text()) == metrics
+    assert metrics["iterations"] == 28 and metrics["val_frames"] == len(full.val_frames)
+    val = _rows(paths.val_log)
+    assert [int(r["iter"]) for r in val] == [12, 24, 28]  # every val_interval, end of main, end
+    assert metrics["best_miou"] == pytest.approx(max(float(r["miou"]) for r in val), abs=1e-5)
+    assert metrics["last_miou"] == pytest.approx(float(val[-1]["miou"]), abs=1e-5)
+    class_iou = json.loads(paths.class_iou.read_text())
+    assert class_iou["iter"] == 28 and list(class_iou["per_class_iou"]) == list(CLASSES)
+
+    model, ckpt = model_from_checkpoint(paths.best)  # from the file alone
+    assert ckpt["config"]["run"] == cfg.to_dict()
+    assert ckpt["classes"]["names"] == list(CLASSES)
+    assert (ckpt["fold"], ckpt["seed"], ckpt["iteration"]) == (0, 0, metrics["best_iter"])
+    assert ckpt["metric"]["miou"] == pytest.approx(metrics["best_miou"])
+    frame = SegmentationDataset(full.val_frames[:1], classes=full.classes,
+                                transform=eval_transform())[0]
+    logits = forward_padded(model, frame["image"][None])
+    assert logits.shape == (1, len(CLASSES), *frame["mask"].shape)
+    assert torch.isfinite(logits).all()
+
+    # SWA: a snapshot at the end of each 2-iteration cycle, taken at the cycle's lowest lr
+    names = [f"swa_{i:07d}.pt" for i in (26, 28)]
+    assert metrics["swa_snapshots"] == 2
+    assert sorted(p.name for p in paths.snapshots.iterdir()) == names
+    lr = {int(r["iter"]): float(r["lr"]) for r in log}
+    for i in (25, 26, 27, 28):
+        ratio = 0.01 if i % 2 == 0 else (0.1 + 0.01) / 2
+        assert lr[i] == pytest.approx(0.01 * ratio), i
+    assert load_checkpoint(paths.snapshot(26))["iteration"] == 26
+    last_snapshot = load_checkpoint(paths.snapshot(28))
+    assert last_snapshot["optimizer"] is None  # weights only
+    _assert_same_tensors(last_snapshot["model"], load_checkpoint(paths.last)["model"])
+    assert load_checkpoint(paths.last)["iteration"] == 28
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_after_interrupt_equals_uninterrupted_run(demo_workspace, tmp_path, monkeypatch,
+                                                         capsys):
+    ws = demo_workspace
+    cfg = _cfg(ws)  # 8 + 4 SWA iterations, checkpoint every 2, validation every 4
+    a, metrics_a = _train(ws, cfg, tmp_path / "a")
+
+    def interrupt(call, loss, parts):
+        if call == 7:  # iteration 8 of 12: last.pt holds iteration 6, the log goes to 7
+            raise KeyboardInterrupt
+        return loss, parts
+
+    with monkeypatch.context() as patch:
+        _loss_hook(patch, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _train(ws, cfg, tmp_path / "b")
+    b = RunPaths(tmp_path / "b" / a.root.name)
+    assert load_checkpoint(b.last)["iteration"] == 6
+    assert _iters(b.log) == list(range(1, 8))
+    assert not b.metrics.exists()
+    capsys.readouterr()
+
+    _, metrics_b = _train(ws, cfg, tmp_path / "b")
+    assert f"resuming {a.root.name} from iteration 6/12" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt", "snapshots/swa_0000010.pt", "snapshots/swa_0000012.pt"):
+        _assert_same_tensors(load_checkpoint(b.train_dir / name)["model"],
+                             load_checkpoint(a.train_dir / name)["model"])
+    opt_a, opt_b = (load_checkpoint(p.last)["optimizer"]["state"] for p in (a, b))
+    for k in opt_a:
+        _assert_same_tensors(opt_a[k], opt_b[k])
+    # the log continues without repeats and holds the uninterrupted run's losses
+    log_a, log_b = _rows(a.log), _rows(b.log)
+    assert _iters(b.log) == list(range(1, 13))
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in log_b] == \
+           [{k: v for k, v in r.items() if k != "images_per_s"} for r in log_a]
+    assert b.val_log.read_text() == a.val_log.read_text()
+    same = ("best_miou", "best_iter", "last_miou", "last_pixel_acc", "swa_snapshots")
+    assert {k: metrics_b[k] for k in same} == {k: metrics_a[k] for k in same}
+    assert b.class_iou.read_text() == a.class_iou.read_text()
+
+
+def test_finished_run_is_a_no_op_and_a_new_config_starts_over(demo_workspace, tmp_path, capsys):
+    ws = demo_workspace
+    cfg = _cfg(ws)
+    paths, metrics = _train(ws, cfg, tmp_path)
+    files = {p: p.read_bytes() for p in (paths.last, paths.best, paths.log, paths.val_log,
+                                         paths.snapshot(12))}
+    paths.metrics.unlink()
+    capsys.readouterr()
+    _, again = _train(ws, cfg, tmp_path)
+    assert "from iteration 12/12" in capsys.readouterr().out
+    assert again == metrics and json.loads(paths.metrics.read_text()) == metrics
+    assert metrics["images_per_s"] > 0
+    assert all(p.read_bytes() == data for p, data in files.items())
+
+    # another config in the same run dir: nothing of the old run survives
+    paths.swa.write_bytes(b"stale average of the old run")
+    new = _cfg(ws, iters=6, swa={"iters": 0},
+               loss=[{"name": "ce"}, {"name": "dice", "weight": 0.5}])
+    _, metrics = _train(ws, new, tmp_path)
+    out = capsys.readouterr().out
+    assert f"{paths.last}: saved with another config; starting {paths.root.name} over" in out
+    assert load_checkpoint(paths.last)["config"]["run"] == new.to_dict()
+    assert _iters(paths.log) == list(range(1, 7))
+    assert list(_rows(paths.log)[0]) == ["iter", "lr", "loss", "ce", "dice", "images_per_s"]
+    assert _iters(paths.val_log) == [4, 6]
+    assert not paths.swa.exists() and not paths.snapshots.exists()
+    assert metrics["swa_snapshots"] == 0 and metrics["iterations"] == 6
+
+
+# ----------------------------------------------------------------------------- failures
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_workspace, tmp_path,
+                                                                  monkeypatch):
+    ws = demo_workspace
+    cfg = _cfg(ws)  # checkpoints at 2, 4, 6 ...
+
+    def nan_from_5(call, loss, parts):
+        return (loss * float("nan") if call >= 5 else loss), parts
+
+    _loss_hook(monkeypatch, nan_from_5)
+    paths = RunPaths(tmp_path / run_name("tiny", 0, 0))
+    with pytest.raises(NonFiniteLoss) as err:
+        _train(ws, cfg, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "loss is nan at iteration 5" in message
+    assert f"Last good checkpoint: {paths.last} (iteration 4)" in message
+    assert "models.tiny" in message  # says where to lower the lr
+    ckpt = load_checkpoint(paths.last)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert _iters(paths.log) == [1, 2, 3, 4, 5]
+    assert not paths.metrics.exists()
+
+
+# ----------------------------------------------------------------------------- logit adjustment
+def test_logit_adjusted_checkpoint_excludes_the_prior_at_eval(demo_workspace, tmp_path):
+    ws = demo_workspace
+    tau = 1.0
+    cfg = _cfg(ws, iters=2, val_interval=2, swa={"iters": 0},
+               logit_adjust={"enabled": True, "tau": tau, "scale": 16.0})
+    data = _data(ws)
+    paths, _ = _train(ws, cfg, tmp_path, data=data)
+    model, ckpt = model_from_checkpoint(paths.best)
+    heads = [m for m in model.modules() if isinstance(m, CosineClassifier)]
+    assert len(heads) == 1
+    head = heads[0]
+    counts = torch.as_tensor(data.prior_counts, dtype=torch.float64)
+    prior = counts / counts.sum()  # the training folds' pixels, not the validation fold's
+    assert ckpt["config"]["model"]["logit_adjust"]["prior"] == pytest.approx(prior.tolist())
+    expected = (tau * torch.log(prior.clamp_min(1e-12))).float()
+
+    x = torch.randn(2, head.in_channels, 3, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train_out, eval_out = head.train()(x), head.eval()(x)
+        full_eval = model.eval()(torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(train_out - eval_out, expected.view(1, -1, 1, 1).expand_as(train_out),
+                          atol=1e-5)
+    assert torch.allclose(eval_out, head.cosine(x))
+    assert full_eval.abs().max() <= head.scale + 1e-4  # eval logits are bare cosines, no prior
