@@ -10,12 +10,14 @@ deterministic settings, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,9 +187,21 @@ def _ckpt_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict) -
     return {"model": model_spec, "run": cfg.to_dict(), "fold": fold, "seed": seed}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal configs, floats up to rounding (a stored prior is re-normalized on save)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
+            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
 def _compatible(ckpt: dict, config: dict) -> bool:
     saved = ckpt.get("config") or {}
-    return all(saved.get(k) == config[k] for k in ("run", "fold", "seed", "model"))
+    return all(_same(saved.get(k), config[k]) for k in ("run", "fold", "seed", "model"))
 
 
 def _scores(cm: np.ndarray, classes: ClassInfo) -> dict:

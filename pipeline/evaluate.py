@@ -1,9 +1,13 @@
 """Score predicted label maps against the manifest's masks: mIoU, accuracies, mVC8 and mVC16.
 
-    python pipeline/evaluate.py PRED_DIR [--manifest data/manifest.csv] [--classes FILE]
-                                [--split test] [--out PRED_DIR.eval.json]
+    python pipeline/evaluate.py PRED_DIR|SUBMISSION.zip [--manifest data/manifest.csv]
+                                [--classes FILE] [--split test] [--out PRED.eval.json]
+                                [--format F] [--vspw-offset 0|1]
 
 PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
+A submission zip written by ``pipeline/submit.py`` is decoded back to train ids per its format
+(:mod:`pipeline.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
+comes from the ``<name>.json`` beside the zip, or ``--format`` (which wins when both exist).
 The value 255 means "no prediction": it is not an error, but such a pixel counts as wrong. It
 is scored as the class after the true one, ``(gt + 1) % C``, so it lowers the true class's IoU
 and accuracy exactly like a mistake would, and also adds a false positive to that
@@ -11,7 +15,7 @@ neighbouring class; with a single class there is no wrong class to choose. Video
 compares the raw predictions, 255 included, as VSPW's script does.
 
 The summary is printed as a table and written atomically as JSON beside the folder
-(``<PRED_DIR>.eval.json``). Other sources of predictions (a submission zip) only need a
+(``<PRED_DIR>.eval.json``, ``<name>.zip.eval.json``). A source of predictions only needs a
 ``load_pred(frame) -> HxW uint8`` callable for :func:`evaluate_predictions`.
 """
 
@@ -31,6 +35,7 @@ from pipeline import atomic, metrics
 from pipeline.config import load_section
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
 from pipeline.errors import PipelineError, run_cli
+from pipeline.formats import ZipPredictions, get_format, zip_format_name
 
 NO_PREDICTION = 255
 
@@ -121,6 +126,18 @@ def default_out(pred: str | os.PathLike) -> Path:
     return pred.parent / f"{pred.name}.eval.json"
 
 
+def labelled_frames(manifest: str | os.PathLike, split: str) -> list[Frame]:
+    """The labelled frames of ``split``, by video and frame; none is an error naming the splits."""
+    all_frames = read_manifest(manifest)
+    frames = sorted((f for f in all_frames if f.split == split and f.mask),
+                    key=lambda f: (f.video, f.frame, f.id))
+    if not frames:
+        splits = sorted({f.split for f in all_frames if f.mask})
+        raise PipelineError(f"{manifest}: split '{split}' has no labelled frames "
+                            f"(splits with labels: {', '.join(splits) or 'none'})")
+    return frames
+
+
 def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
                     classes_path: str | os.PathLike | None = None, split: str = "test",
                     out: str | os.PathLike | None = None, progress: bool = True) -> dict:
@@ -136,13 +153,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
         raise PipelineError(f"{pred_dir}: not a folder of <id>.png predictions")
     classes_path = Path(classes_path) if classes_path else manifest.parent / "classes.json"
     classes = read_classes(classes_path)
-    all_frames = read_manifest(manifest)
-    frames = sorted((f for f in all_frames if f.split == split and f.mask),
-                    key=lambda f: (f.video, f.frame, f.id))
-    if not frames:
-        splits = sorted({f.split for f in all_frames if f.mask})
-        raise PipelineError(f"{manifest}: split '{split}' has no labelled frames "
-                            f"(splits with labels: {', '.join(splits) or 'none'})")
+    frames = labelled_frames(manifest, split)
     source = FolderPredictions(pred_dir)
     missing = source.missing(frames)
     if missing:
@@ -155,19 +166,64 @@ def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
     return summary
 
 
+def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
+                 classes_path: str | os.PathLike | None = None, split: str = "test",
+                 out: str | os.PathLike | None = None, fmt: str | None = None,
+                 vspw_offset: int | None = None, progress: bool = True) -> dict:
+    """Evaluate a submission zip like :func:`evaluate_folder`, decoding its entries to train ids.
+
+    ``fmt`` / ``vspw_offset`` default to the values in the JSON beside the zip (submit.py's).
+    """
+    zip_path, manifest = Path(zip_path), Path(manifest)
+    if not zip_path.is_file():
+        raise PipelineError(f"{zip_path}: submission zip not found")
+    classes_path = Path(classes_path) if classes_path else manifest.parent / "classes.json"
+    classes = read_classes(classes_path)
+    name, offset = zip_format_name(zip_path, fmt=fmt, vspw_offset=vspw_offset)
+    submission = get_format(name, dataset=classes.dataset, vspw_offset=offset)
+    frames = labelled_frames(manifest, split)
+    with ZipPredictions(zip_path, fmt=submission, num_classes=classes.num_classes) as source:
+        missing = source.missing(frames)
+        if missing:
+            raise PipelineError(f"{zip_path}: {len(missing)} of {len(frames)} labelled '{split}' frames "
+                                f"have no entry; first missing: {source.describe(missing[0])}")
+        summary = evaluate_predictions(frames, classes, source, describe=source.describe,
+                                       progress=progress)
+    summary.update(split=split, predictions=str(zip_path), format=submission.name, manifest=str(manifest))
+    atomic.write_json(out or default_out(zip_path), summary)
+    return summary
+
+
+def is_zip(path: str | os.PathLike) -> bool:
+    """A ``.zip`` path (existing or not) or any existing file: scored as a submission zip."""
+    path = Path(path)
+    return path.suffix.lower() == ".zip" or path.is_file()
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pred_dir", metavar="PRED_DIR", help="folder of <id>.png label maps")
+    parser.add_argument("pred", metavar="PRED_DIR|SUBMISSION.zip",
+                        help="folder of <id>.png label maps, or a zip written by submit.py")
     parser.add_argument("--manifest", default="data/manifest.csv")
     parser.add_argument("--classes", default=None, help="default: classes.json beside the manifest")
     parser.add_argument("--split", default=None, help="manifest split to score (params: evaluate.split)")
-    parser.add_argument("--out", default=None, help="summary JSON (default: <PRED_DIR>.eval.json)")
+    parser.add_argument("--out", default=None, help="summary JSON (default: <PRED>.eval.json)")
+    parser.add_argument("--format", default=None,
+                        help="zip only: submission format (default: from <name>.json beside the zip)")
+    parser.add_argument("--vspw-offset", type=int, default=None,
+                        help="zip only, vspw format: 0 or 1 (default: from <name>.json, else 0)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_section(EvaluateParams, "evaluate", args.params, overrides={"split": args.split})
-    out = Path(args.out) if args.out else default_out(args.pred_dir)
-    summary = evaluate_folder(args.pred_dir, manifest=args.manifest, classes_path=args.classes,
-                              split=params.split, out=out)
+    out = Path(args.out) if args.out else default_out(args.pred)
+    if is_zip(args.pred):
+        summary = evaluate_zip(args.pred, manifest=args.manifest, classes_path=args.classes,
+                               split=params.split, out=out, fmt=args.format, vspw_offset=args.vspw_offset)
+    else:
+        if args.format is not None or args.vspw_offset is not None:
+            raise PipelineError(f"{args.pred}: --format and --vspw-offset apply to a submission zip only")
+        summary = evaluate_folder(args.pred, manifest=args.manifest, classes_path=args.classes,
+                                  split=params.split, out=out)
     print(metrics.format_table(summary))
     print(f"wrote {out}")
     return summary

@@ -247,3 +247,21 @@ def test_logit_adjusted_checkpoint_excludes_the_prior_at_eval(demo_workspace, tm
                           atol=1e-5)
     assert torch.allclose(eval_out, head.cosine(x))
     assert full_eval.abs().max() <= head.scale + 1e-4  # eval logits are bare cosines, no prior
+
+
+def test_resume_check_tolerates_float_rounding_of_the_stored_prior():
+    """A checkpoint re-normalizes the logit-adjustment prior on save; the few-ulp difference
+    must not make a finished run look like another config (it used to restart fold 0)."""
+    from pipeline.engine import _compatible
+
+    prior = [0.1975600210600675, 0.8024399789399325]
+    config = {"run": {"lr": 0.001}, "fold": 0, "seed": 0,
+              "model": {"arch": "unet", "logit_adjust": {"prior": prior, "tau": 0.03}}}
+    saved = {"config": {**config, "model": {"arch": "unet", "logit_adjust": {
+        "prior": [p * (1 + 2e-16) for p in prior], "tau": 0.03}}}}
+    assert _compatible(saved, config)
+    changed = {"config": {**config, "run": {"lr": 0.002}}}
+    assert not _compatible(changed, config)
+    other_prior = {"config": {**config, "model": {"arch": "unet", "logit_adjust": {
+        "prior": [0.2, 0.8], "tau": 0.03}}}}
+    assert not _compatible(other_prior, config)

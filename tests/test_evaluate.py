@@ -134,3 +134,44 @@ def test_missing_dir_and_empty_split(dataset, capsys):
     preds = tmp_path / "preds"
     _write_preds(preds, masks)
     _assert_error(tmp_path, capsys, [str(preds), "--split", "val"], "manifest.csv", "'val'")
+
+
+# ----------------------------------------------------------------------------- submission zips
+def _write_zip(path: Path, masks: dict, fmt_name: str = "folder", drop: str | None = None) -> None:
+    from pipeline.formats import get_format, png_bytes, write_zip
+
+    fmt = get_format(fmt_name, dataset="")
+    preds = {fid: np.where(mask == 255, 0, mask).astype(np.uint8) for fid, mask in masks.items()}
+    preds["v1_003"] = np.roll(preds["v1_003"], 1, axis=1)  # some mistakes
+    write_zip(path, sorted((f"{fid}.png", png_bytes(fmt.encode(p, num_classes=NUM_CLASSES, name=fid)))
+                           for fid, p in preds.items() if fid != drop))
+    for fid, p in preds.items():
+        _save(path.parent / "same_as_zip" / f"{fid}.png", p)
+
+
+def test_zip_scores_like_its_folder(dataset):
+    tmp_path, masks = dataset
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _write_zip(sub / "s.zip", masks)
+    (sub / "s.json").write_text(json.dumps({"format": "folder"}))  # as submit.py writes it
+    assert _run(tmp_path, str(sub / "s.zip")) == 0
+    assert _run(tmp_path, str(sub / "same_as_zip")) == 0
+    from_zip = json.loads((sub / "s.zip.eval.json").read_text())
+    from_folder = json.loads((sub / "same_as_zip.eval.json").read_text())
+    assert from_zip.pop("format") == "folder"
+    assert from_zip.pop("predictions") != from_folder.pop("predictions")
+    assert from_zip == from_folder and from_zip["mIoU"] < 1.0
+
+
+def test_zip_errors(dataset, capsys):
+    tmp_path, masks = dataset
+    _write_zip(tmp_path / "s.zip", masks, drop="v2_004")
+    _assert_error(tmp_path, capsys, [str(tmp_path / "s.zip")], "s.zip", "--format")  # no s.json
+    _assert_error(tmp_path, capsys, [str(tmp_path / "s.zip"), "--format", "folder"],
+                  "1 of 23", "s.zip:v2_004.png")
+    _assert_error(tmp_path, capsys, [str(tmp_path / "s.zip"), "--format", "cityscapes"],
+                  "'cityscapes'", "does not fit")
+    _assert_error(tmp_path, capsys, [str(tmp_path / "none.zip")], "none.zip", "not found")
+    _assert_error(tmp_path, capsys, [str(tmp_path / "same_as_zip"), "--format", "folder"],
+                  "same_as_zip", "zip only")

@@ -1,0 +1,459 @@
+"""Hierarchical fusion of ensemble groups, and the scores of a whole weight grid in one pass.
+
+The ensemble averages three groups of members: strong S, weak W and auxiliary A (VSPW 2021,
+5th place). With group maps P_S, P_W, P_A (means of their members' softmax maps, float32
+[C, H, W]) the fused map is ``P = P_S + alpha * P_W + beta * P_A`` and the prediction its
+argmax over C (the lowest class index wins an exact tie, as ``np.argmax``). :func:`fuse` is
+the one definition of that arithmetic; search and apply both go through it or reproduce it
+bit for bit.
+
+Scoring every (alpha, beta) of a grid on one frame (:func:`grid_counts`) needs only the
+per-class counts of mIoU: true positives and predicted pixels for each grid point (ground-truth
+pixels do not depend on the weights). Three facts keep that cheap:
+
+* with weights >= 0, a pixel whose strict argmax in P_S is also a (tied or not) argmax of P_W
+  and of P_A predicts that class at every grid point: it is counted once for all of them;
+* f_k(alpha, beta) - f_r(alpha, beta) is linear in the weights, so a class below another at
+  the four corners of the grid's rectangle (by a margin larger than float32 rounding) is below
+  it everywhere and can never win: most remaining pixels keep 2-3 candidate classes;
+* the candidates of the rest are evaluated at all grid points at once, with the very float32
+  operations of :func:`fuse` ((P_S + a P_W) + b P_A), so the argmax and the counts equal a
+  per-trial brute force exactly, ties included.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Mapping, Sequence
+
+import joblib
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data.manifest import Frame, read_mask
+from pipeline.errors import PipelineError
+from pipeline.metrics import IGNORE_INDEX, VC_WINDOWS, ConfusionMatrix, VideoConsistency, confusion_matrix
+from pipeline.probstore import Member
+
+GROUPS = ("S", "W", "A")
+BLOCK_ELEMENTS = 1 << 21   # grid points x pixels evaluated at once (~8 MB of float32 each)
+_MARGIN = 1e-5             # x (1 + max alpha + max beta): far above float32 rounding of P
+
+
+# ----------------------------------------------------------------------------- fusion
+class Mean:
+    """Running mean of float32 maps: ``add`` them one at a time, ``value()`` is their sum in
+    that order divided by the count (what :func:`group_mean` returns), None when empty."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, probs: np.ndarray) -> None:
+        if self.total is None:
+            self.total = np.array(probs, dtype=np.float32, copy=True)
+        else:
+            self.total += probs
+        self.count += 1
+
+    def value(self) -> np.ndarray | None:
+        return None if self.total is None else self.total / np.float32(self.count)
+
+
+def group_mean(maps: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Mean float32 [C, H, W] of member maps, summed in the given order; None for no member."""
+    mean = Mean()
+    for probs in maps:
+        mean.add(probs)
+    return mean.value()
+
+
+def fuse(ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None, *, alpha: float,
+         beta: float) -> np.ndarray:
+    """``(ps + alpha * pw) + beta * pa`` in float32 (an absent group adds 0): [C, ...]."""
+    fused = np.asarray(ps, dtype=np.float32).copy()
+    if pw is not None:
+        fused += np.float32(alpha) * pw
+    if pa is not None:
+        fused += np.float32(beta) * pa
+    return fused
+
+
+def fuse_labels(ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None, *, alpha: float,
+                beta: float) -> np.ndarray:
+    """Argmax over C of :func:`fuse`: uint8 [H, W] (uint16 beyond 255 classes)."""
+    fused = fuse(ps, pw, pa, alpha=alpha, beta=beta)
+    return fused.argmax(axis=0).astype(np.uint8 if fused.shape[0] <= 255 else np.uint16)
+
+
+# ----------------------------------------------------------------------------- grid scores
+def miou_from_counts(tp: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """mIoU from per-class counts: IoU = tp / (gt + pred - tp) averaged over the classes with
+    gt > 0, with the very operations of :func:`pipeline.metrics.mean_iou` on a confusion
+    matrix (so both give the same float).
+
+    ``tp``, ``pred``: int [..., C]; ``gt``: int [C]. Returns float64 [...] (nan without gt).
+    """
+    tp, pred, gt = np.asarray(tp), np.asarray(pred), np.asarray(gt)
+    present = gt > 0
+    flat_tp, flat_pred = tp.reshape(-1, tp.shape[-1]), pred.reshape(-1, tp.shape[-1])
+    out = np.full(flat_tp.shape[0], np.nan)
+    if present.any():
+        for i, (t, p) in enumerate(zip(flat_tp, flat_pred)):
+            iou = t[present].astype(np.float64) / (p + gt - t)[present].astype(np.float64)
+            out[i] = iou.mean()
+    return out.reshape(tp.shape[:-1])
+
+
+@dataclass
+class GridCounts:
+    """Counts behind the mIoU of every grid point: ``tp``/``pred`` int64 [A, B, C] (true
+    positives and predicted pixels at alphas[i], betas[j]), ``gt`` int64 [C]."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    tp: np.ndarray
+    pred: np.ndarray
+    gt: np.ndarray
+
+    @classmethod
+    def zeros(cls, alphas: Sequence[float], betas: Sequence[float], num_classes: int) -> "GridCounts":
+        shape = (len(alphas), len(betas), num_classes)
+        return cls(np.asarray(alphas, np.float64), np.asarray(betas, np.float64),
+                   np.zeros(shape, np.int64), np.zeros(shape, np.int64),
+                   np.zeros(num_classes, np.int64))
+
+    def add(self, other: "GridCounts") -> "GridCounts":
+        self.tp += other.tp
+        self.pred += other.pred
+        self.gt += other.gt
+        return self
+
+    def miou(self) -> np.ndarray:
+        """float64 [A, B] mIoU of every grid point."""
+        return miou_from_counts(self.tp, self.pred, self.gt)
+
+
+def _candidates(s: np.ndarray, w: np.ndarray, x: np.ndarray, alphas: np.ndarray,
+                betas: np.ndarray) -> np.ndarray:
+    """bool [C, n]: classes that may be the fused argmax somewhere on the grid's rectangle."""
+    lo_a, hi_a, lo_b, hi_b = alphas.min(), alphas.max(), betas.min(), betas.max()
+    corners = np.stack([s + a * w + b * x for a in (lo_a, hi_a) for b in (lo_b, hi_b)])
+    margin = np.float32(_MARGIN * (1 + abs(hi_a) + abs(hi_b)))
+    cols = np.arange(s.shape[1])
+    alive = np.ones(s.shape, dtype=bool)
+    for ref in corners.argmax(axis=1):           # the winner at each corner as a reference
+        bar = corners[:, ref, cols] - margin     # [4, n]
+        alive &= ~np.all(corners < bar[:, None, :], axis=0)
+    return alive
+
+
+def _grid_slots(cand: np.ndarray, s: np.ndarray, w: np.ndarray, x: np.ndarray,
+                alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """Which of the candidates ``cand`` (int [K, n], ascending classes) is the fused argmax at
+    every grid point: int8 [A, B, n] (bool for K = 2). Same float32 operations as :func:`fuse`."""
+    k_count, n = cand.shape
+    cols = np.arange(n)
+    sv, wv, xv = s[cand, cols], w[cand, cols], x[cand, cols]             # [K, n]
+    t = sv[None] + alphas[:, None, None] * wv[None]                      # [A, K, n]
+    bx = betas[:, None, None] * xv[None]                                 # [B, K, n]
+    best = t[:, None, 0] + bx[None, :, 0]                                # [A, B, n]
+    if k_count == 2:
+        return (t[:, None, 1] + bx[None, :, 1]) > best
+    slot = np.zeros(best.shape, dtype=np.int8)
+    for k in range(1, k_count):  # strict '>' keeps the lower class on a tie, like np.argmax
+        value = t[:, None, k] + bx[None, :, k]
+        better = value > best
+        slot[better] = k
+        np.maximum(best, value, out=best)
+    return slot
+
+
+def _count_candidates(out: GridCounts, cand: np.ndarray, g: np.ndarray, s: np.ndarray,
+                      w: np.ndarray, x: np.ndarray, alphas: np.ndarray, betas: np.ndarray) -> None:
+    """Add the grid counts of pixels with K candidate classes each (``cand`` int [K, n]).
+
+    Pixels are sorted into runs sharing their candidates and the slot of their ground truth;
+    per run and grid point only how many pixels each slot wins matters (``np.add.reduceat``),
+    so no per-pixel, per-grid-point class ids are ever formed."""
+    k_count, n = cand.shape
+    grid, c = len(alphas) * len(betas), out.tp.shape[-1]
+    gslot = np.full(n, k_count, dtype=np.intp)
+    for k in range(k_count):
+        gslot[cand[k] == g] = k
+    order = np.lexsort((gslot, *cand[::-1]))
+    cand, gslot = cand[:, order], gslot[order]
+    key = np.vstack([cand, gslot])
+    starts = np.flatnonzero(np.r_[True, np.any(key[:, 1:] != key[:, :-1], axis=0)])
+    sizes = np.diff(np.r_[starts, n])
+    wins = np.zeros((k_count, grid, starts.size), dtype=np.float64)   # pixels won by each slot
+    run_of = np.repeat(np.arange(starts.size), sizes)
+    step = max(1, BLOCK_ELEMENTS // (grid * k_count))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        px = order[lo:hi]
+        slots = _grid_slots(cand[:, lo:hi], s[:, px], w[:, px], x[:, px], alphas, betas)
+        slots = slots.reshape(grid, hi - lo)
+        runs = np.unique(run_of[lo:hi])
+        local = np.maximum(starts[runs], lo) - lo
+        for k in range(1, k_count):
+            won = slots if k_count == 2 else slots == k
+            wins[k][:, runs] += np.add.reduceat(won, local, axis=1, dtype=np.float64)
+    wins[0] = sizes - wins[1:].sum(axis=0)
+    # runs -> classes: a 0/1 matrix product, in float64 (BLAS; exact for counts < 2**53)
+    onehot = np.eye(c)
+    hits = gslot[starts][None, :] == np.arange(k_count)[:, None]        # [K, runs]
+    pred = sum(wins[k] @ onehot[cand[k, starts]] for k in range(k_count))
+    tp = sum(wins[k] @ (onehot[cand[k, starts]] * hits[k][:, None]) for k in range(k_count))
+    out.pred += np.rint(pred).astype(np.int64).reshape(out.pred.shape)
+    out.tp += np.rint(tp).astype(np.int64).reshape(out.tp.shape)
+
+
+def grid_counts(ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None, gt: np.ndarray, *,
+                alphas: Sequence[float], betas: Sequence[float],
+                ignore_index: int = IGNORE_INDEX) -> GridCounts:
+    """Counts of the fused argmax at every (alphas[i], betas[j]) against ``gt`` on one frame.
+
+    ``ps``, ``pw``, ``pa``: float32 [C, H, W] group maps (None: empty group); ``gt``: int [H, W]
+    train ids, ``ignore_index`` skipped. Weights must be >= 0. Equal to scoring
+    :func:`fuse_labels` at each grid point separately (see the module docstring).
+    """
+    alphas32 = np.asarray(alphas, np.float32)
+    betas32 = np.asarray(betas, np.float32)
+    if alphas32.min() < 0 or betas32.min() < 0:
+        raise ValueError("grid weights must be >= 0")
+    c = ps.shape[0]
+    out = GridCounts.zeros(alphas, betas, c)
+    flat_gt = np.asarray(gt).reshape(-1)
+    labelled = np.flatnonzero(flat_gt != ignore_index)
+    g = flat_gt[labelled].astype(np.intp)
+    if g.size and g.max() >= c:
+        raise ValueError(f"ground-truth value {int(g.max())} is neither a class (0..{c - 1}) "
+                         f"nor ignore ({ignore_index})")
+    out.gt += np.bincount(g, minlength=c)
+    s = np.asarray(ps, np.float32).reshape(c, -1)[:, labelled]
+    w, x = (np.zeros_like(s) if p is None else np.asarray(p, np.float32).reshape(c, -1)[:, labelled]
+            for p in (pw, pa))
+    # settled: the strict argmax of S is a weak argmax of W and A -> same class everywhere
+    top = s.argmax(axis=0)
+    cols = np.arange(g.size)
+    s_top = s[top, cols]
+    settled = ((s >= s_top).sum(axis=0) == 1) & (w[top, cols] >= w.max(axis=0)) \
+        & (x[top, cols] >= x.max(axis=0))
+    rest = np.flatnonzero(~settled)
+    alive = _candidates(s[:, rest], w[:, rest], x[:, rest], alphas32, betas32)
+    n_alive = alive.sum(axis=0)
+    labels = top
+    labels[rest[n_alive == 1]] = alive[:, n_alive == 1].argmax(axis=0)
+    common = np.ones(g.size, dtype=bool)
+    common[rest[n_alive > 1]] = False
+    out.pred += np.bincount(labels[common], minlength=c)
+    out.tp += np.bincount(g[common & (labels == g)], minlength=c)
+    for k in np.unique(n_alive[n_alive > 1]):
+        px = rest[n_alive == k]
+        cand = np.argsort(~alive[:, n_alive == k], axis=0, kind="stable")[:k]  # ascending ids
+        _count_candidates(out, cand, g[px], s[:, px], w[:, px], x[:, px], alphas32, betas32)
+    return out
+
+
+# ----------------------------------------------------------------------------- passes over OOF maps
+@dataclass(frozen=True)
+class OofSource:
+    """How a pass reads a training frame: its ground truth at the maps' resolution, then the
+    out-of-fold map of each member in turn (one map in memory at a time).
+
+    ``members`` are sorted by name: every mean sums their maps in that order. ``lut``: raw mask
+    value -> train id. ``full_size``: upsample strided maps to the mask's size; otherwise the
+    mask is subsampled by the members' common ``stride`` (scores on the stored grid).
+    """
+
+    members: tuple[Member, ...]
+    lut: np.ndarray
+    num_classes: int
+    stride: int = 1
+    full_size: bool = False
+    ignore_index: int = IGNORE_INDEX
+
+    def gt(self, frame: Frame) -> np.ndarray:
+        mask = read_mask(frame.mask, self.lut)
+        return mask if self.full_size or self.stride == 1 else mask[::self.stride, ::self.stride]
+
+    def maps(self, frame: Frame, shape: tuple[int, int],
+             names: Collection[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(member name, float32 [C, H, W] map) for the members in ``names`` (all: None)."""
+        want = (self.num_classes, *shape)
+        for member in self.members:
+            if names is not None and member.name not in names:
+                continue
+            probs = member.read_oof(frame.id, full_size=self.full_size)
+            if probs.shape != want:
+                scale = "" if self.full_size or self.stride == 1 else f" at stride {self.stride}"
+                raise PipelineError(
+                    f"{member.root}: out-of-fold map of frame '{frame.id}' is {list(probs.shape)} "
+                    f"[C, H, W] but {self.num_classes} classes and the mask{scale} need {list(want)}")
+            yield member.name, probs
+
+
+@dataclass(frozen=True)
+class MeanRow:
+    """A table row predicting the argmax of the mean of ``members`` (one member: itself)."""
+
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FusedRow:
+    """A table row predicting :func:`fuse_labels` of the groups at (alpha, beta)."""
+
+    alpha: float
+    beta: float
+
+
+def _labels(probs: np.ndarray) -> np.ndarray:
+    return probs.argmax(axis=0).astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
+
+
+def frame_chunks(frames: Sequence[Frame], size: int) -> list[list[Frame]]:
+    """Consecutive runs of ``size`` frames."""
+    return [list(frames[i:i + size]) for i in range(0, len(frames), max(1, size))]
+
+
+def video_chunks(frames: Sequence[Frame], size: int) -> list[list[Frame]]:
+    """Whole videos (``frames`` sorted by video and frame) packed into runs of >= ``size``."""
+    chunks: list[list[Frame]] = []
+    for _, video in itertools.groupby(frames, key=lambda f: f.video):
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].extend(video)
+    return chunks
+
+
+def run_chunks(fn: Callable, chunks: list[list[Frame]], *, workers: int, progress: bool,
+         desc: str) -> Iterator:
+    """``fn(chunk)`` for every chunk on ``workers`` joblib processes, results in order."""
+    results = joblib.Parallel(n_jobs=workers, return_as="generator")(
+        joblib.delayed(fn)(chunk) for chunk in chunks)
+    with tqdm(total=sum(map(len, chunks)), desc=desc, unit="frame", disable=not progress) as bar:
+        for chunk, result in zip(chunks, results):
+            bar.update(len(chunk))
+            yield result
+
+
+def _member_chunk(frames: list[Frame], *, source: OofSource) -> dict[str, np.ndarray]:
+    c = source.num_classes
+    cms = {m.name: np.zeros((c, c), np.int64) for m in source.members}
+    for frame in frames:
+        gt = source.gt(frame)
+        for name, probs in source.maps(frame, gt.shape):
+            cms[name] += confusion_matrix(gt, _labels(probs), num_classes=c,
+                                          ignore_index=source.ignore_index)
+    return cms
+
+
+def _grid_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, Sequence[str]],
+                alphas: Sequence[float], betas: Sequence[float],
+                members_too: bool) -> tuple[GridCounts, dict[str, np.ndarray] | None]:
+    c = source.num_classes
+    group_of = {name: group for group, names in groups.items() for name in names}
+    out = GridCounts.zeros(alphas, betas, c)
+    cms = {m.name: np.zeros((c, c), np.int64) for m in source.members} if members_too else None
+    for frame in frames:
+        gt = source.gt(frame)
+        means = {group: Mean() for group in GROUPS}
+        for name, probs in source.maps(frame, gt.shape, None if members_too else group_of):
+            if cms is not None:
+                cms[name] += confusion_matrix(gt, _labels(probs), num_classes=c,
+                                              ignore_index=source.ignore_index)
+            if name in group_of:
+                means[group_of[name]].add(probs)
+        out.add(grid_counts(*(means[g].value() for g in GROUPS), gt, alphas=alphas, betas=betas,
+                            ignore_index=source.ignore_index))
+    return out, cms
+
+
+def _rows_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, Sequence[str]],
+                rows: Mapping[str, MeanRow | FusedRow],
+                windows: Sequence[int]) -> dict[str, tuple[np.ndarray, VideoConsistency]]:
+    c = source.num_classes
+    group_of = {name: group for group, names in groups.items() for name in names}
+    fused = any(isinstance(row, FusedRow) for row in rows.values())
+    needed = {n for row in rows.values() if isinstance(row, MeanRow) for n in row.members}
+    needed |= set(group_of) if fused else set()
+    cms = {key: ConfusionMatrix(num_classes=c, ignore_index=source.ignore_index) for key in rows}
+    vcs = {key: VideoConsistency(windows=windows) for key in rows}
+    for i, frame in enumerate(frames):
+        if i and frame.video != frames[i - 1].video:
+            for vc in vcs.values():
+                vc.end_video()
+        gt = source.gt(frame)
+        means = {group: Mean() for group in GROUPS}
+        row_means = {key: Mean() for key, row in rows.items() if isinstance(row, MeanRow)}
+        for name, probs in source.maps(frame, gt.shape, needed):
+            if name in group_of:
+                means[group_of[name]].add(probs)
+            for key, mean in row_means.items():
+                if name in rows[key].members:
+                    mean.add(probs)
+        for key, row in rows.items():
+            if isinstance(row, MeanRow):
+                pred = _labels(row_means[key].value())
+            else:
+                pred = fuse_labels(*(means[g].value() for g in GROUPS), alpha=row.alpha,
+                                   beta=row.beta)
+            cms[key].update(gt, pred)
+            vcs[key].add_frame(gt, pred)
+    return {key: (cms[key].matrix, vcs[key]) for key in rows}
+
+
+def score_members(source: OofSource, frames: Sequence[Frame], *, workers: int = 1,
+                  chunk_frames: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
+    """Confusion matrix int64 [C, C] of each member's argmax over ``frames`` (one read pass)."""
+    fn = functools.partial(_member_chunk, source=source)
+    total: dict[str, np.ndarray] = {}
+    for part in run_chunks(fn, frame_chunks(frames, chunk_frames), workers=workers, progress=progress,
+                     desc="score members"):
+        for name, cm in part.items():
+            total[name] = total[name] + cm if name in total else cm
+    return total
+
+
+def score_grid(source: OofSource, frames: Sequence[Frame], *, groups: Mapping[str, Sequence[str]],
+               alphas: Sequence[float], betas: Sequence[float], members_too: bool = False,
+               workers: int = 1, chunk_frames: int = 32,
+               progress: bool = True) -> tuple[GridCounts, dict[str, np.ndarray] | None]:
+    """One read pass: :class:`GridCounts` of P_S + a P_W + b P_A at every grid point over
+    ``frames`` (``groups``: {"S"|"W"|"A": member names}), and with ``members_too`` each
+    member's confusion matrix as in :func:`score_members`. Chunks of ``chunk_frames`` frames
+    run on ``workers`` processes; each returns its partial counts."""
+    fn = functools.partial(_grid_chunk, source=source, groups=dict(groups), alphas=list(alphas),
+                           betas=list(betas), members_too=members_too)
+    counts = GridCounts.zeros(alphas, betas, source.num_classes)
+    cms: dict[str, np.ndarray] | None = None
+    for part, part_cms in run_chunks(fn, frame_chunks(frames, chunk_frames), workers=workers,
+                               progress=progress, desc="grid pass"):
+        counts.add(part)
+        if part_cms is not None:
+            cms = part_cms if cms is None else {k: cms[k] + v for k, v in part_cms.items()}
+    return counts, cms
+
+
+def score_rows(source: OofSource, frames: Sequence[Frame], *, groups: Mapping[str, Sequence[str]],
+               rows: Mapping[str, MeanRow | FusedRow], windows: Sequence[int] = VC_WINDOWS,
+               workers: int = 1, chunk_frames: int = 32,
+               progress: bool = True) -> dict[str, tuple[np.ndarray, dict[int, float]]]:
+    """One read pass in video order: per row its confusion matrix int64 [C, C] and mVC_n for
+    ``windows`` ({n: value}, nan when no video is longer than n frames). ``frames`` must be
+    sorted by (video, frame); whole videos go to one worker."""
+    fn = functools.partial(_rows_chunk, source=source, groups=dict(groups), rows=dict(rows),
+                           windows=tuple(windows))
+    c = source.num_classes
+    cms = {key: np.zeros((c, c), np.int64) for key in rows}
+    vcs = {key: VideoConsistency(windows=windows) for key in rows}
+    for part in run_chunks(fn, video_chunks(frames, chunk_frames), workers=workers, progress=progress,
+                     desc="table rows"):
+        for key, (cm, vc) in part.items():
+            cms[key] += cm
+            vcs[key].merge(vc)
+    return {key: (cms[key], vcs[key].result()) for key in rows}

@@ -1,0 +1,72 @@
+"""Predict a run's out-of-fold and test frames: ``python pipeline/infer.py RUN_DIR``.
+
+Uses the run's SWA weights (``swa.pt``) when present, else its best checkpoint; multi-scale +
+flip TTA from ``infer.tta`` (``--no-tta``: one plain view); maps stored under
+``oof_preds/<model>_s<seed>/f<fold>/`` as compact probabilities (``infer.quant``,
+``infer.stride``); OOF mIoU with and without TTA in ``RUN_DIR/infer_metrics.json``.
+Re-running after an interruption keeps the maps already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import load_section
+from pipeline.engine import resolve_device
+from pipeline.errors import PipelineError, run_cli
+from pipeline.inference import SPLITS, infer_run
+from pipeline.tta import tta_from_params
+
+
+@dataclass
+class InferParams:
+    tta: dict = field(default_factory=dict)   # keys of pipeline.tta.TTAConfig; {} = defaults
+    quant: str = "uint8"                       # uint8 | float16
+    stride: int = 1                            # keep every stride-th row/column of the maps
+    splits: list = field(default_factory=lambda: list(SPLITS))
+    compare_single: bool = True                # also score OOF with one plain view
+    device: str = "auto"
+    num_workers: int = 0
+    out: str = "oof_preds"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run folder, e.g. runs/unet_r18_f0_s0")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--folds", default="folds/folds.csv")
+    parser.add_argument("--out", default=None, help="maps root (default: infer.out)")
+    parser.add_argument("--no-tta", action="store_true", help="one plain view (for comparison)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    params = load_section(InferParams, "infer", args.params)
+    tta = tta_from_params(False if args.no_tta else (params.tta or True), source=args.params,
+                          section="infer.tta")
+    try:
+        device = resolve_device(args.device or params.device)
+    except PipelineError as err:
+        raise PipelineError(str(err).replace("train.device", "infer.device", 1)) from None
+    metrics = infer_run(run_dir=Path(args.run_dir), out_root=Path(args.out or params.out),
+                        data_dir=Path(args.data), folds_path=Path(args.folds), tta=tta,
+                        quant=params.quant, stride=params.stride, splits=params.splits,
+                        compare_single=params.compare_single, device=device,
+                        num_workers=params.num_workers, progress=not args.no_progress)
+    print(f"{args.run_dir}: {metrics['oof_frames']} OOF + {metrics['test_frames']} test maps "
+          f"({metrics['views']} views) -> member {metrics['member']}")
+    print(f"  OOF mIoU  single view {_pct(metrics['oof_miou_single'])}  |  "
+          f"TTA {_pct(metrics['oof_miou_tta'])}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
