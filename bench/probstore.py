@@ -173,6 +173,49 @@ def synthetic_ensemble_check(rng: np.random.Generator, *, frames: int, members: 
     return miou_f, miou_q, changed / total
 
 
+def demo_ensemble_check(run_dirs: Sequence[str], *, data: Path, folds: Path,
+                        work: Path) -> tuple[float, float, int, int]:
+    """Both mIoUs on real OOF predictions: each run predicts its validation fold (one plain
+    view, float32 kept in memory and a uint8 copy written and read back through the store);
+    runs of one member (model x seed) cover disjoint frames, members are averaged per frame.
+    Returns (mIoU float32, mIoU uint8, members, frames)."""
+    import torch
+
+    from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.data.dataset import SegmentationDataset
+    from pipeline.data.manifest import read_classes, read_manifest, read_mask
+    from pipeline.data.transforms import eval_transform
+    from pipeline.probstore import member_name
+    from pipeline.runs import RunPaths
+    from pipeline.splits import train_val_ids
+    from pipeline.tta import TTAConfig, predict_probs
+
+    classes = read_classes(data / "classes.json")
+    frames = {f.id: f for f in read_manifest(data / "manifest.csv", split="train")}
+    maps: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for run in run_dirs:
+        model, ckpt = model_from_checkpoint(RunPaths(Path(run)).final_weights())
+        member = member_name(ckpt["config"]["run"]["name"], int(ckpt["seed"]))
+        _, val_ids = train_val_ids(folds, ckpt["fold"])
+        dataset = SegmentationDataset([frames[i] for i in val_ids], classes=classes,
+                                      transform=eval_transform(), with_mask=False)
+        for item in tqdm(dataset, desc=Path(run).name, leave=False, disable=None):
+            with torch.no_grad():
+                probs = predict_probs(model, item["image"], tta=TTAConfig(scales=(1.0,), flip=False),
+                                      num_classes=classes.num_classes).numpy()
+            path = work / f"{member}_{item['id']}.npz"
+            write_probs(path, probs)
+            maps.setdefault(item["id"], {})[member] = (probs, read_probs(path))
+    members = sorted({m for per_frame in maps.values() for m in per_frame})
+    ids = sorted(i for i, per_frame in maps.items() if len(per_frame) == len(members))
+    lut = classes.lut_array()
+    miou_f, miou_q = ensemble_miou_float_vs_quantized(
+        (np.stack([maps[i][m][0] for m in members]) for i in ids),
+        (np.stack([maps[i][m][1] for m in members]) for i in ids),
+        (read_mask(frames[i].mask, lut) for i in ids), num_classes=classes.num_classes)
+    return miou_f, miou_q, len(members), len(ids)
+
+
 def smooth_logit_noise(rng: np.random.Generator, shape: tuple[int, ...],
                        cell: int = 8) -> np.ndarray:
     c, h, w = shape
@@ -192,6 +235,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="best of this many passes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", nargs="*", default=None,
+                        help="run dirs (e.g. runs/*_f*_s*): also compare the ensemble mIoU of "
+                             "their real OOF maps, float32 vs uint8")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--folds", default="folds/folds.csv")
     args = parser.parse_args(argv)
     if args.big:
         args.frames, args.classes, args.height, args.width = 12, 19, 512, 1024
@@ -224,6 +272,13 @@ def main(argv=None) -> dict:
                                    "label_changed": changed}
             print(f"  synthetic {args.members}-member ensemble, {n} frames: mIoU float32 "
                   f"{miou_f:.4%}, uint8 {miou_q:.4%}, labels changed at {changed:.4%} of pixels")
+        if args.runs:
+            miou_f, miou_q, members, n = demo_ensemble_check(
+                args.runs, data=Path(args.data), folds=Path(args.folds), work=work / "demo")
+            results["demo_oof"] = {"miou_float32": miou_f, "miou_uint8": miou_q}
+            print(f"  OOF maps of {len(args.runs)} run(s), {members} member(s), {n} frames: "
+                  f"ensemble mIoU float32 {miou_f:.4%}, uint8 {miou_q:.4%}, difference "
+                  f"{100 * abs(miou_f - miou_q):.4f} mIoU points (target < 0.05)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -198,3 +198,21 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
                "oof_miou_single": miou_single, "oof_miou_tta": miou_tta}
     atomic.write_json(paths.root / "infer_metrics.json", metrics)
     return metrics
+
+
+def member_summary(member) -> dict:
+    """OOF mIoU of a :class:`pipeline.probstore.Member`, pooled over its folds and per fold,
+    with one plain view and with TTA, from the confusion matrices each fold's meta.json holds."""
+    folds, pooled = {}, {}
+    for fold in member.folds:
+        meta = member.meta[fold]
+        for kind in ("single", "tta"):
+            cm = meta.get(f"oof_cm_{kind}")
+            if cm is None:
+                continue
+            cm = np.asarray(cm, dtype=np.int64)
+            folds.setdefault(str(fold), {})[f"oof_miou_{kind}"] = mean_iou(cm)
+            pooled[kind] = pooled.get(kind, 0) + cm
+    return {"oof_miou_single": mean_iou(pooled["single"]) if "single" in pooled else None,
+            "oof_miou_tta": mean_iou(pooled["tta"]) if "tta" in pooled else None,
+            "folds": folds}

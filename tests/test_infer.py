@@ -193,3 +193,19 @@ def test_errors_are_one_line(demo_workspace, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and str(broken) in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_member_summary_pools_the_folds(two_folds):
+    from pipeline.inference import member_summary
+
+    _, _, out, _, metrics = two_folds
+    summary = member_summary(Member(out / "tiny_s0"))
+    assert summary["folds"]["0"]["oof_miou_tta"] == pytest.approx(metrics[0]["oof_miou_tta"])
+    assert summary["folds"]["1"]["oof_miou_single"] == pytest.approx(metrics[1]["oof_miou_single"])
+    # pooled over both folds: between the two folds' scores is not guaranteed for mIoU, but it
+    # must equal the mIoU of the summed confusion matrices
+    from pipeline.metrics import mean_iou
+
+    member = Member(out / "tiny_s0")
+    cm = sum(np.asarray(member.meta[k]["oof_cm_tta"]) for k in (0, 1))
+    assert summary["oof_miou_tta"] == pytest.approx(mean_iou(cm))
