@@ -10,12 +10,16 @@ families), or the lists given in ``ensemble.groups``. The fused map is P_S + alp
 beta P_A (VSPW 2021, 5th place: 57.26 best single -> 58.01 P_S -> 58.50 +W -> 61.10 +A).
 
 ``--search`` scores every (alpha, beta) of the grid in one streaming pass over the OOF maps
-(:func:`pipeline.fusion.score_grid`), then runs an Optuna study with a ``GridSampler`` whose
-objective only looks the scores up; the study lives in ``<out>/study.db`` (SQLite) and resumes.
-It writes ``weights.json`` (groups, alpha, beta, grid, score, input fingerprint),
+(:func:`pipeline.fusion.score_pass`, which also scores each member, their uniform mean and P_S),
+then runs an Optuna study with a ``GridSampler`` whose objective only looks the scores up; the
+study lives in ``<out>/study.db`` (SQLite) and resumes. A second pass over the grouped members
+scores the two fused rows of the table (their video consistency needs their label maps).
+Automatic groups rank the members by the OOF confusion matrices that inference stores in
+meta.json ("oof_cm_tta", checked against the maps in the grid pass), or by a pass of their own.
+Outputs: ``weights.json`` (groups, alpha, beta, grid, score, input fingerprint),
 ``metrics.json`` (the ensemble table on OOF: flat ``<row>_mIoU`` / ``_mVC8`` / ``_mVC16`` keys),
 ``members.json`` (OOF mIoU, family and group of each member), ``heatmap.png`` and
-``grid_scores.npz`` (the pass's counts, reused while the inputs' fingerprint is unchanged).
+``grid_scores.npz`` (the passes' results, reused while the inputs' fingerprint is unchanged).
 ``--apply`` fuses the test maps with the saved weights into ``<out>/test_pred/<id>.png``: it
 never fits anything on test data.
 """
@@ -23,31 +27,15 @@ never fits anything on test data.
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import json
-import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
-from pipeline import atomic, fusion
-from pipeline.config import load_section, read_params
-from pipeline.data.manifest import Frame, read_classes, read_manifest
-from pipeline.errors import PipelineError, run_cli, unknown_name
-from pipeline.metrics import mean_iou
-from pipeline.probstore import OOF_DIR, Member, list_members, map_path
-from pipeline.runs import ModelParams
-
-DEFAULT_GRID = {"start": 0.0, "stop": 2.0, "step": 0.1}
-ROWS = ("best_single", "uniform_mean", "S", "S_W", "S_W_A")
-CACHE, WEIGHTS, METRICS, MEMBERS, HEATMAP = ("grid_scores.npz", "weights.json", "metrics.json",
-                                             "members.json", "heatmap.png")
-TEST_PRED = "test_pred"
+from pipeline import fusion
+from pipeline.config import load_section
+from pipeline.ensembling import (WEIGHTS, apply_ensemble, format_table, model_families,
+                                 parse_grid, parse_groups, pct, search_ensemble)
+from pipeline.errors import PipelineError, run_cli
 
 
 @dataclass
@@ -65,484 +53,6 @@ class EnsembleParams:
     workers: int = 2             # joblib processes
 
 
-# ----------------------------------------------------------------------------- params
-def parse_grid(value: Any, *, key: str, source: str = "params.yaml") -> list[float]:
-    """Weights of one grid axis from a list or {start, stop, step}; sorted, >= 0, holding 0."""
-    value = DEFAULT_GRID if value is None else value
-    where = f"{source}: ensemble.{key}"
-    if isinstance(value, dict):
-        if set(value) != {"start", "stop", "step"}:
-            raise PipelineError(f"{where} needs exactly start, stop and step, got {sorted(value)}")
-        start, stop, step = (value[k] for k in ("start", "stop", "step"))
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, stop, step)) \
-                or step <= 0 or stop < start:
-            raise PipelineError(f"{where}: need numbers with step > 0 and stop >= start, got {value}")
-        count = int(np.floor((stop - start) / step + 1e-9)) + 1
-        value = [round(start + i * step, 10) for i in range(count)]
-    if (not isinstance(value, (list, tuple)) or not value
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise PipelineError(f"{where} must be a non-empty list of numbers or {{start, stop, step}}")
-    grid = sorted({float(v) for v in value})
-    if grid[0] < 0 or not np.all(np.isfinite(grid)):
-        raise PipelineError(f"{where}: weights must be finite and >= 0, got {grid[0]}")
-    if grid[0] != 0:
-        raise PipelineError(f"{where} must include 0 (the P_S and P_S + alpha P_W rows use it)")
-    return grid
-
-
-def parse_groups(value: Any, *, source: str = "params.yaml") -> dict[str, list[str]] | None:
-    """None for automatic groups, else {"S": [...], "W": [...], "A": [...]} as given."""
-    if value is None or value == "auto":
-        return None
-    where = f"{source}: ensemble.groups"
-    if not isinstance(value, dict):
-        raise PipelineError(f"{where} must be 'auto' or {{S: [members], W: [...], A: [...]}}")
-    unknown = sorted(set(value) - set(fusion.GROUPS))
-    if unknown:
-        raise PipelineError(f"{where}: {unknown_name('group', str(unknown[0]), fusion.GROUPS)}")
-    groups = {}
-    for group in fusion.GROUPS:
-        names = value.get(group) or []
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise PipelineError(f"{where}.{group} must be a list of member names")
-        groups[group] = list(names)
-    return groups
-
-
-def model_families(params_path: str | Path) -> dict[str, str]:
-    """{model config: family} from ``models:`` of the params file ({} without the file)."""
-    if not Path(params_path).is_file():
-        return {}
-    models = read_params(params_path).get("models") or {}
-    return {name: str((cfg or {}).get("family", ModelParams.family)) for name, cfg in models.items()}
-
-
-# ----------------------------------------------------------------------------- inputs
-def member_model(member: Member) -> str:
-    """Model config name of a member: meta "model", else its name minus ``_s<seed>``."""
-    meta = member.meta[member.folds[0]]
-    return str(meta.get("model") or re.sub(r"_s\d+$", "", str(meta.get("member", member.name))))
-
-
-def member_family(member: Member, families: Mapping[str, str], source: str) -> str:
-    """Family from ``models.<model>.family`` of the params (the run's meta as a fallback)."""
-    model = member_model(member)
-    if model in families:
-        return families[model]
-    recorded = member.meta[member.folds[0]].get("family")
-    if recorded:
-        return str(recorded)
-    raise PipelineError(f"{source}: member '{member.name}' needs models.{model}.family (model "
-                        f"config '{model}' not found) for ensemble.groups: auto")
-
-
-def oof_frames(members: Sequence[Member], frames: Sequence[Frame], manifest: Path) -> list[Frame]:
-    """The labelled frames every member has an OOF map of, sorted by (video, frame, id)."""
-    have = {m.name: set(m.oof_ids()) for m in members}
-    union = set().union(*have.values())
-    for member in members:
-        missing = sorted(union - have[member.name])
-        if missing:
-            raise PipelineError(f"{member.root}: no out-of-fold map of frame '{missing[0]}' "
-                                f"({len(missing)} of the {len(union)} frames other members "
-                                f"cover); every member must cover the same frames")
-    by_id = {f.id: f for f in frames}
-    for frame_id in sorted(union):
-        if frame_id not in by_id or not by_id[frame_id].mask:
-            state = "is not in" if frame_id not in by_id else "has no mask in"
-            raise PipelineError(f"{manifest}: out-of-fold frame '{frame_id}' {state} the manifest")
-    return sorted((by_id[i] for i in union), key=lambda f: (f.video, f.frame, f.id))
-
-
-def check_members(members: Sequence[Member], num_classes: int, classes_path: Path, *,
-                  full_size: bool) -> int:
-    """Class counts agree with classes.json; returns the common stride (1 with full_size)."""
-    for member in members:
-        if member.classes != num_classes:
-            raise PipelineError(f"{member.root}: maps of {member.classes} classes, {classes_path} "
-                                f"has {num_classes}")
-    strides = {m.stride for m in members}
-    if len(strides) > 1 and not full_size:
-        listed = ", ".join(f"{m.name}={m.stride}" for m in members)
-        raise PipelineError(f"members were stored at different strides ({listed}); set "
-                            f"ensemble.full_size: true to score them at full resolution")
-    return 1 if full_size else strides.pop()
-
-
-def _meta_digest(member: Member) -> str:
-    text = json.dumps({str(f): member.meta[f] for f in member.folds}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def fingerprint(members: Sequence[Member], frames: Sequence[Frame], classes_path: Path,
-                settings: Mapping[str, Any]) -> str:
-    """sha256 of what the scores depend on: member metas, size and mtime of every OOF map and
-    mask, classes.json and the search ``settings``."""
-    digest = hashlib.sha256(json.dumps(
-        {"settings": settings, "members": {m.name: _meta_digest(m) for m in members},
-         "classes": hashlib.sha256(classes_path.read_bytes()).hexdigest()},
-        sort_keys=True, default=str).encode())
-    for frame in frames:
-        paths = [map_path(m.run_dir(m.oof_fold(frame.id)) / OOF_DIR, frame.id) for m in members]
-        for path in [*paths, Path(frame.mask)]:
-            st = os.stat(path)
-            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return digest.hexdigest()
-
-
-def resolve_groups(explicit: Mapping[str, list[str]] | None, *, names: Sequence[str],
-                   scores: Mapping[str, float], families: Mapping[str, str], primary_family: str,
-                   n_strong: int, n_aux: int) -> dict[str, list[str]]:
-    """Groups S, W, A (each sorted by name). Explicit lists are checked against the members;
-    ``auto`` ranks the primary family by OOF mIoU (top ``n_strong`` = S, rest = W) and puts the
-    other families in A (the top ``n_aux`` only, when > 0)."""
-    if explicit is not None:
-        seen: dict[str, str] = {}
-        for group, listed in explicit.items():
-            for name in listed:
-                if name not in names:
-                    raise PipelineError(f"ensemble.groups.{group}: "
-                                        f"{unknown_name('member', name, names)}")
-                if name in seen:
-                    raise PipelineError(f"ensemble.groups: member '{name}' is in both "
-                                        f"{seen[name]} and {group}")
-                seen[name] = group
-        groups = {g: list(explicit.get(g, [])) for g in fusion.GROUPS}
-    else:
-        if n_strong < 1:
-            raise PipelineError(f"ensemble.n_strong must be >= 1, got {n_strong}")
-        ranked = sorted(names, key=lambda n: (-scores[n], n))
-        primary = [n for n in ranked if families[n] == primary_family]
-        aux = [n for n in ranked if families[n] != primary_family]
-        groups = {"S": primary[:n_strong], "W": primary[n_strong:],
-                  "A": aux[:n_aux] if n_aux > 0 else aux}
-    if not groups["S"]:
-        found = sorted(set(families.values())) if explicit is None else []
-        hint = f" (families found: {', '.join(found)})" if found else ""
-        raise PipelineError(f"group S is empty: no member of family '{primary_family}'{hint}; "
-                            f"set ensemble.primary_family or ensemble.groups")
-    return {g: sorted(groups[g]) for g in fusion.GROUPS}
-
-
-# ----------------------------------------------------------------------------- Optuna study
-STUDY_NAME = "ensemble"
-
-
-def _grid_sampler(search_space: dict[str, list[float]]):
-    import optuna
-
-    class FastGridSampler(optuna.samplers.GridSampler):
-        # GridSampler compares every finished trial's search space value by value after each
-        # trial (O(trials^2 x grid): ~10 s for 21 x 21); plain list equality is the same test
-        # for our NaN-free grids and keeps a study of 441 lookups well under a second.
-        def _same_search_space(self, search_space) -> bool:  # noqa: ANN001
-            return search_space == self._search_space or super()._same_search_space(search_space)
-
-    return FastGridSampler(search_space, seed=0)
-
-
-def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[float],
-              betas: Sequence[float], db: Path, fingerprint: str) -> list:
-    """Grid-search (alpha, beta) with Optuna's GridSampler, the objective a lookup in
-    ``scores``; the study is kept in SQLite at ``db`` and resumed: grid points already done are
-    not repeated. A study made from other inputs (fingerprint) is replaced. Returns the
-    study's complete trials.
-
-    Trials run in memory and are then added to SQLite in one go: with SQLite as the live
-    storage each trial costs ~60 ms of database round trips (30 s for 441 lookups).
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    space = {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas]}
-    storage = f"sqlite:///{db.resolve()}"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
-                                     direction="maximize", load_if_exists=True)
-        if stored.user_attrs.get("fingerprint") not in (None, fingerprint) \
-                or stored.user_attrs.get("grid") not in (None, space):
-            print(f"{db}: study '{STUDY_NAME}' was made from other inputs; starting it over")
-            optuna.delete_study(study_name=STUDY_NAME, storage=storage)
-            stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
-                                         direction="maximize")
-        stored.set_user_attr("fingerprint", fingerprint)
-        stored.set_user_attr("grid", space)
-        done = stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        study = optuna.create_study(direction="maximize", sampler=_grid_sampler(space))
-        study.add_trials(done)
-        todo = len(space["alpha"]) * len(space["beta"]) - len(
-            {(t.params.get("alpha"), t.params.get("beta")) for t in done})
-        if todo > 0:
-            lo_a, hi_a, lo_b, hi_b = alphas[0], alphas[-1], betas[0], betas[-1]
-
-            def objective(trial) -> float:  # noqa: ANN001
-                return scores[(trial.suggest_float("alpha", lo_a, hi_a),
-                               trial.suggest_float("beta", lo_b, hi_b))]
-
-            study.optimize(objective, n_trials=todo)
-            stored.add_trials(study.trials[len(done):])
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    return stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def best_point(points: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
-    """(alpha, beta, score) of the best score; ties go to the smallest alpha + beta, then
-    alpha (the simplest ensemble)."""
-    return min(points, key=lambda p: (-p[2], p[0] + p[1], p[0], p[1]))
-
-
-# ----------------------------------------------------------------------------- outputs
-def plot_heatmap(path: Path, miou: np.ndarray, alphas: Sequence[float], betas: Sequence[float],
-                 best: tuple[float, float]) -> None:
-    """OOF mIoU (%) over the grid (rows alpha, columns beta), best point marked; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    im = ax.imshow(100 * miou, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], rotation=90, fontsize=7)
-    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)
-    ax.set_xlabel("beta (weight of P_A)")
-    ax.set_ylabel("alpha (weight of P_W)")
-    i, j = list(alphas).index(best[0]), list(betas).index(best[1])
-    ax.plot(j, i, marker="*", color="red", markersize=14, markeredgecolor="white")
-    ax.set_title(f"OOF mIoU of P_S + alpha P_W + beta P_A; best {100 * miou[i, j]:.2f} "
-                 f"at alpha={best[0]:g}, beta={best[1]:g}", fontsize=9)
-    fig.colorbar(im, ax=ax, label="mIoU %")
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def _num(value: float) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
-def save_cache(path: Path, *, fp: str, counts: fusion.GridCounts, names: Sequence[str],
-               member_cms: Mapping[str, np.ndarray]) -> None:
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, fingerprint=fp, alphas=counts.alphas, betas=counts.betas, tp=counts.tp,
-                     pred=counts.pred, gt=counts.gt, names=np.asarray(list(names), dtype=str),
-                     member_cms=np.stack([member_cms[n] for n in names]))
-
-
-def load_cache(path: Path, fp: str) -> tuple[fusion.GridCounts, dict[str, np.ndarray]] | None:
-    """The counts of an earlier pass over the same inputs (fingerprint), else None."""
-    try:
-        with np.load(path) as data:
-            if str(data["fingerprint"]) != fp:
-                return None
-            counts = fusion.GridCounts(data["alphas"], data["betas"], data["tp"], data["pred"],
-                                       data["gt"])
-            return counts, dict(zip((str(n) for n in data["names"]), data["member_cms"]))
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
-def format_table(metrics: Mapping[str, Any]) -> str:
-    """The ensemble table (percent) of a metrics.json dict."""
-    lines = [f"{'OOF':<14} {'mIoU %':>7} {'mVC8 %':>7} {'mVC16 %':>7}"]
-    for row in ROWS:
-        lines.append(f"{row:<14} {_pct(metrics[f'{row}_mIoU']):>7} "
-                     f"{_pct(metrics[f'{row}_mVC8']):>7} {_pct(metrics[f'{row}_mVC16']):>7}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- search
-def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
-                    groups: Mapping[str, list[str]] | None = None,
-                    families: Mapping[str, str] | None = None, primary_family: str = "primary",
-                    n_strong: int = 3, n_aux: int = 0, alphas: Sequence[float] | None = None,
-                    betas: Sequence[float] | None = None, full_size: bool = False,
-                    workers: int = 1, chunk_frames: int = 32, progress: bool = True,
-                    params_source: str = "params.yaml") -> dict:
-    """Fit the group weights on the OOF maps under ``oof_root`` and write the outputs to
-    ``out_dir`` (see the module docstring). ``groups``: explicit {S, W, A} lists or None for
-    automatic ones; ``families``: {model config: family} (needed by auto groups);
-    ``alphas``/``betas``: grid weights (default 0..2 step 0.1).
-    Returns {"weights": ..., "metrics": ..., "members": ...} as written."""
-    alphas = list(alphas) if alphas is not None else parse_grid(None, key="alpha_grid")
-    betas = list(betas) if betas is not None else parse_grid(None, key="beta_grid")
-    members = list_members(oof_root)
-    names = [m.name for m in members]
-    classes_path, manifest = data_dir / "classes.json", data_dir / "manifest.csv"
-    classes = read_classes(classes_path)
-    stride = check_members(members, classes.num_classes, classes_path, full_size=full_size)
-    frames = oof_frames(members, read_manifest(manifest), manifest)
-    fam = {m.name: _family_or_none(m, families or {}, params_source, required=groups is None)
-           for m in members}
-    settings = {"groups": groups, "families": None if groups else fam, "alphas": alphas,
-                "primary_family": primary_family, "n_strong": n_strong, "n_aux": n_aux,
-                "betas": betas, "full_size": full_size, "frames": [f.id for f in frames]}
-    fp = fingerprint(members, frames, classes_path, settings)
-    source = fusion.OofSource(members=tuple(members), lut=classes.lut_array(),
-                              num_classes=classes.num_classes, stride=stride,
-                              full_size=full_size, ignore_index=classes.ignore_index)
-    run = {"workers": workers, "chunk_frames": chunk_frames, "progress": progress}
-
-    def grouping(cms: Mapping[str, np.ndarray] | None) -> dict[str, list[str]]:
-        scores = {n: mean_iou(cms[n]) for n in names} if cms is not None else {}
-        return resolve_groups(groups, names=names, scores=scores, families=fam,
-                              primary_family=primary_family, n_strong=n_strong, n_aux=n_aux)
-
-    cached = load_cache(out_dir / CACHE, fp)
-    if cached is not None:
-        counts, member_cms = cached
-        print(f"{out_dir / CACHE}: inputs unchanged, reusing its grid scores")
-    else:  # auto groups rank the members first; explicit ones score them in the grid pass
-        member_cms = fusion.score_members(source, frames, **run) if groups is None else None
-        chosen = grouping(member_cms)
-        counts, cms = fusion.score_grid(
-            source, frames, groups=chosen, alphas=alphas if chosen["W"] else [0.0],
-            betas=betas if chosen["A"] else [0.0], members_too=member_cms is None, **run)
-        member_cms = member_cms if member_cms is not None else cms
-        if not counts.gt.sum():
-            raise PipelineError(f"{manifest}: the masks of the {len(frames)} out-of-fold frames "
-                                f"have no labelled pixel")
-        save_cache(out_dir / CACHE, fp=fp, counts=counts, names=names, member_cms=member_cms)
-    chosen = grouping(member_cms)
-    grid_a, grid_b = [float(a) for a in counts.alphas], [float(b) for b in counts.betas]
-    miou = counts.miou()
-    scores = {(a, b): float(miou[i, j]) for i, a in enumerate(grid_a) for j, b in enumerate(grid_b)}
-    trials = run_study(scores=scores, alphas=grid_a, betas=grid_b, db=out_dir / "study.db",
-                       fingerprint=fp)
-    alpha, beta, best = best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials])
-    alpha_sw = best_point([(a, 0.0, scores[(a, 0.0)]) for a in grid_a])[0]
-
-    member_miou = {n: mean_iou(member_cms[n]) for n in names}
-    single = min(names, key=lambda n: (-member_miou[n], n))
-    rows = {"best_single": fusion.MeanRow((single,)), "uniform_mean": fusion.MeanRow(tuple(names)),
-            "S": fusion.FusedRow(0.0, 0.0), "S_W": fusion.FusedRow(alpha_sw, 0.0),
-            "S_W_A": fusion.FusedRow(alpha, beta)}
-    table = fusion.score_rows(source, frames, groups=chosen, rows=rows, **run)
-    for key, row in rows.items():  # the grid pass and the plain fusion must agree exactly
-        if isinstance(row, fusion.FusedRow) and mean_iou(table[key][0]) != scores[(row.alpha, row.beta)]:
-            raise RuntimeError(f"internal: the grid's mIoU of row {key} differs from its fusion")
-
-    metrics: dict[str, Any] = {"frames": len(frames), "members": len(names), "alpha": alpha,
-                               "beta": beta, "alpha_S_W": alpha_sw}
-    for key in ROWS:
-        cm, vc = table[key]
-        metrics[f"{key}_mIoU"] = _num(mean_iou(cm))
-        metrics.update({f"{key}_mVC{n}": _num(vc.get(n)) for n in (8, 16)})
-    group_of = {n: g for g, listed in chosen.items() for n in listed}
-    by_name = dict(zip(names, members))
-    member_table = {n: {"model": member_model(by_name[n]), "family": fam[n],
-                        "group": group_of.get(n), "oof_mIoU": _num(member_miou[n])}
-                    for n in sorted(names, key=lambda n: (-member_miou[n], n))}
-    weights = {"groups": chosen, "alpha": alpha, "beta": beta, "oof_mIoU": best,
-               "grid": {"alpha": grid_a, "beta": grid_b}, "classes": classes.num_classes,
-               "frames": len(frames), "fingerprint": fp,
-               "member_meta": {n: _meta_digest(by_name[n]) for n in sorted(group_of)},
-               "study": {"storage": f"sqlite:///{(out_dir / 'study.db').as_posix()}",
-                         "name": STUDY_NAME, "trials": len(trials)}}
-    atomic.write_json(out_dir / MEMBERS, member_table)
-    plot_heatmap(out_dir / HEATMAP, miou, grid_a, grid_b, (alpha, beta))
-    atomic.write_json(out_dir / METRICS, metrics)
-    atomic.write_json(out_dir / WEIGHTS, weights)
-    return {"weights": weights, "metrics": metrics, "members": member_table}
-
-
-def _family_or_none(member: Member, families: Mapping[str, str], source: str, *,
-                    required: bool) -> str | None:
-    try:
-        return member_family(member, families, source)
-    except PipelineError:
-        if required:
-            raise
-        return None
-
-
-# ----------------------------------------------------------------------------- apply
-def read_weights(path: Path) -> dict:
-    """weights.json of a search, its keys checked."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: weights not found (run `python pipeline/ensemble.py "
-                            f"--search` first)")
-    try:
-        weights = json.loads(path.read_text())
-        groups = {g: [str(n) for n in weights["groups"].get(g, [])] for g in fusion.GROUPS}
-        alpha, beta = float(weights["alpha"]), float(weights["beta"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise PipelineError(f"{path}: corrupt weights file ({type(err).__name__}: {err})") from None
-    if not groups["S"] or alpha < 0 or beta < 0:
-        raise PipelineError(f"{path}: needs a non-empty group S and weights >= 0")
-    return {**weights, "groups": groups, "alpha": alpha, "beta": beta}
-
-
-def _apply_chunk(frames: list[Frame], *, groups: Mapping[str, list[Member]], alpha: float,
-                 beta: float, out: Path) -> int:
-    from PIL import Image
-
-    for frame in frames:
-        means = {g: fusion.group_mean([m.read_test(frame.id, full_size=True) for m in groups[g]])
-                 for g in fusion.GROUPS}
-        labels = fusion.fuse_labels(means["S"], means["W"], means["A"], alpha=alpha, beta=beta)
-        if frame.height and frame.width and labels.shape != (frame.height, frame.width):
-            raise PipelineError(f"{groups['S'][0].root}: test map of frame '{frame.id}' is "
-                                f"{labels.shape[0]}x{labels.shape[1]}, the manifest says "
-                                f"{frame.height}x{frame.width}")
-        Image.fromarray(labels.astype(np.uint8), mode="L").save(out / f"{frame.id}.png")
-    return len(frames)
-
-
-def apply_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path, workers: int = 1,
-                   chunk_frames: int = 32, progress: bool = True) -> dict:
-    """Fuse the test maps (each member: mean of its fold models, full resolution) with
-    ``out_dir/weights.json`` into ``out_dir/test_pred/<id>.png`` (uint8 train ids, one per
-    test frame of the manifest), written as a whole folder. Returns a small summary."""
-    weights = read_weights(out_dir / WEIGHTS)
-    by_name = {m.name: m for m in list_members(oof_root)}
-    classes_path, manifest = data_dir / "classes.json", data_dir / "manifest.csv"
-    classes = read_classes(classes_path)
-    if classes.num_classes > 255:
-        raise PipelineError(f"{classes_path}: {classes.num_classes} classes do not fit uint8 PNGs")
-    groups: dict[str, list[Member]] = {}
-    for group, listed in weights["groups"].items():
-        for name in listed:
-            if name not in by_name:
-                raise PipelineError(f"{out_dir / WEIGHTS}: member '{name}' of group {group} is "
-                                    f"not in {oof_root}")
-        groups[group] = [by_name[n] for n in sorted(listed)]
-    members = [m for g in fusion.GROUPS for m in groups[g]]
-    check_members(members, classes.num_classes, classes_path, full_size=True)
-    changed = [m.name for m in members
-               if weights.get("member_meta", {}).get(m.name, _meta_digest(m)) != _meta_digest(m)]
-    if changed:
-        print(f"warning: {', '.join(changed)} changed since the search (meta.json differs); "
-              f"the weights were fitted on older maps", file=sys.stderr)
-    frames = sorted(read_manifest(manifest, split="test"), key=lambda f: (f.video, f.frame, f.id))
-    if not frames:
-        raise PipelineError(f"{manifest}: no test frames to predict")
-    for member in members:
-        have = set(member.test_ids())
-        missing = [f.id for f in frames if f.id not in have]
-        if missing:
-            raise PipelineError(f"{member.root}: no test map of frame '{missing[0]}' "
-                                f"({len(missing)} of {len(frames)} test frames missing)")
-    with atomic.atomic_dir(out_dir / TEST_PRED) as tmp:
-        fn = functools.partial(_apply_chunk, groups=groups, alpha=weights["alpha"],
-                               beta=weights["beta"], out=tmp)
-        for _ in fusion.run_chunks(fn, fusion.frame_chunks(frames, chunk_frames), workers=workers,
-                                   progress=progress, desc="fuse test"):
-            pass
-    return {"frames": len(frames), "out": str(out_dir / TEST_PRED), "alpha": weights["alpha"],
-            "beta": weights["beta"], "groups": weights["groups"]}
-
-
-# ----------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -556,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     params = load_section(EnsembleParams, "ensemble", args.params)
     if params.workers < 1 or params.chunk_frames < 1:
-        raise PipelineError(f"{args.params}: ensemble.workers and ensemble.chunk_frames must be >= 1")
+        raise PipelineError(f"{args.params}: ensemble.workers and ensemble.chunk_frames must "
+                            f"be >= 1")
     common = {"oof_root": Path(args.oof), "data_dir": Path(args.data), "out_dir": Path(args.out),
               "workers": params.workers, "chunk_frames": params.chunk_frames,
               "progress": not args.no_progress}
@@ -577,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{group}: {', '.join(weights['groups'][group]) or '-'}")
     print(format_table(metrics))
     print(f"alpha={weights['alpha']:g} beta={weights['beta']:g}: OOF mIoU "
-          f"{_pct(weights['oof_mIoU'])} -> {Path(args.out) / WEIGHTS}")
+          f"{pct(weights['oof_mIoU'])} -> {Path(args.out) / WEIGHTS}")
     return result
 
 

@@ -7,7 +7,7 @@ argmax over C (the lowest class index wins an exact tie, as ``np.argmax``). :fun
 the one definition of that arithmetic; search and apply both go through it or reproduce it
 bit for bit.
 
-Scoring every (alpha, beta) of a grid on one frame (:func:`grid_counts`) needs only the
+Scoring every (alpha, beta) of a grid on a frame (:class:`GridScorer`) needs only the
 per-class counts of mIoU: true positives and predicted pixels for each grid point (ground-truth
 pixels do not depend on the weights). Three facts keep that cheap:
 
@@ -19,6 +19,10 @@ pixels do not depend on the weights). Three facts keep that cheap:
 * the candidates of the rest are evaluated at all grid points at once, with the very float32
   operations of :func:`fuse` ((P_S + a P_W) + b P_A), so the argmax and the counts equal a
   per-trial brute force exactly, ties included.
+
+:func:`score_pass` streams the OOF maps (:class:`OofSource`) once, video by video in joblib
+chunks, feeding the grid scorer and any number of table rows (a member, a mean of members, a
+fused map at fixed weights: confusion matrix and video consistency each).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import Frame, read_mask
 from pipeline.errors import PipelineError
-from pipeline.metrics import IGNORE_INDEX, VC_WINDOWS, ConfusionMatrix, VideoConsistency, confusion_matrix
+from pipeline.metrics import IGNORE_INDEX, VC_WINDOWS, ConfusionMatrix, VideoConsistency
 from pipeline.probstore import Member
 
 GROUPS = ("S", "W", "A")
@@ -119,7 +123,8 @@ class GridCounts:
     gt: np.ndarray
 
     @classmethod
-    def zeros(cls, alphas: Sequence[float], betas: Sequence[float], num_classes: int) -> "GridCounts":
+    def zeros(cls, alphas: Sequence[float], betas: Sequence[float],
+              num_classes: int) -> "GridCounts":
         shape = (len(alphas), len(betas), num_classes)
         return cls(np.asarray(alphas, np.float64), np.asarray(betas, np.float64),
                    np.zeros(shape, np.int64), np.zeros(shape, np.int64),
@@ -150,112 +155,142 @@ def _candidates(s: np.ndarray, w: np.ndarray, x: np.ndarray, alphas: np.ndarray,
     return alive
 
 
-def _grid_slots(cand: np.ndarray, s: np.ndarray, w: np.ndarray, x: np.ndarray,
-                alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
-    """Which of the candidates ``cand`` (int [K, n], ascending classes) is the fused argmax at
-    every grid point: int8 [A, B, n] (bool for K = 2). Same float32 operations as :func:`fuse`."""
-    k_count, n = cand.shape
-    cols = np.arange(n)
-    sv, wv, xv = s[cand, cols], w[cand, cols], x[cand, cols]             # [K, n]
-    t = sv[None] + alphas[:, None, None] * wv[None]                      # [A, K, n]
-    bx = betas[:, None, None] * xv[None]                                 # [B, K, n]
-    best = t[:, None, 0] + bx[None, :, 0]                                # [A, B, n]
-    if k_count == 2:
-        return (t[:, None, 1] + bx[None, :, 1]) > best
-    slot = np.zeros(best.shape, dtype=np.int8)
-    for k in range(1, k_count):  # strict '>' keeps the lower class on a tie, like np.argmax
-        value = t[:, None, k] + bx[None, :, k]
-        better = value > best
-        slot[better] = k
-        np.maximum(best, value, out=best)
-    return slot
+class GridScorer:
+    """Adds the :class:`GridCounts` of frame after frame (:meth:`add`) into ``counts``.
 
+    Work buffers are kept from one frame to the next: fresh multi-megabyte temporaries per
+    frame cost more in page faults than the arithmetic done in them.
+    """
 
-def _count_candidates(out: GridCounts, cand: np.ndarray, g: np.ndarray, s: np.ndarray,
-                      w: np.ndarray, x: np.ndarray, alphas: np.ndarray, betas: np.ndarray) -> None:
-    """Add the grid counts of pixels with K candidate classes each (``cand`` int [K, n]).
+    def __init__(self, alphas: Sequence[float], betas: Sequence[float], num_classes: int, *,
+                 ignore_index: int = IGNORE_INDEX):
+        self.alphas = np.asarray(alphas, np.float32)
+        self.betas = np.asarray(betas, np.float32)
+        if self.alphas.min() < 0 or self.betas.min() < 0:
+            raise ValueError("grid weights must be >= 0")
+        self.counts = GridCounts.zeros(alphas, betas, num_classes)
+        self.ignore_index = ignore_index
+        self._buffers: dict[str, np.ndarray] = {}
 
-    Pixels are sorted into runs sharing their candidates and the slot of their ground truth;
-    per run and grid point only how many pixels each slot wins matters (``np.add.reduceat``),
-    so no per-pixel, per-grid-point class ids are ever formed."""
-    k_count, n = cand.shape
-    grid, c = len(alphas) * len(betas), out.tp.shape[-1]
-    gslot = np.full(n, k_count, dtype=np.intp)
-    for k in range(k_count):
-        gslot[cand[k] == g] = k
-    order = np.lexsort((gslot, *cand[::-1]))
-    cand, gslot = cand[:, order], gslot[order]
-    key = np.vstack([cand, gslot])
-    starts = np.flatnonzero(np.r_[True, np.any(key[:, 1:] != key[:, :-1], axis=0)])
-    sizes = np.diff(np.r_[starts, n])
-    wins = np.zeros((k_count, grid, starts.size), dtype=np.float64)   # pixels won by each slot
-    run_of = np.repeat(np.arange(starts.size), sizes)
-    step = max(1, BLOCK_ELEMENTS // (grid * k_count))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        px = order[lo:hi]
-        slots = _grid_slots(cand[:, lo:hi], s[:, px], w[:, px], x[:, px], alphas, betas)
-        slots = slots.reshape(grid, hi - lo)
-        runs = np.unique(run_of[lo:hi])
-        local = np.maximum(starts[runs], lo) - lo
-        for k in range(1, k_count):
-            won = slots if k_count == 2 else slots == k
-            wins[k][:, runs] += np.add.reduceat(won, local, axis=1, dtype=np.float64)
-    wins[0] = sizes - wins[1:].sum(axis=0)
-    # runs -> classes: a 0/1 matrix product, in float64 (BLAS; exact for counts < 2**53)
-    onehot = np.eye(c)
-    hits = gslot[starts][None, :] == np.arange(k_count)[:, None]        # [K, runs]
-    pred = sum(wins[k] @ onehot[cand[k, starts]] for k in range(k_count))
-    tp = sum(wins[k] @ (onehot[cand[k, starts]] * hits[k][:, None]) for k in range(k_count))
-    out.pred += np.rint(pred).astype(np.int64).reshape(out.pred.shape)
-    out.tp += np.rint(tp).astype(np.int64).reshape(out.tp.shape)
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = self._buffers[name] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
+    def add(self, ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None,
+            gt: np.ndarray) -> None:
+        """Count one frame: ``ps``, ``pw``, ``pa`` float32 [C, H, W] group maps (None: empty
+        group), ``gt`` int [H, W] train ids (``ignore_index`` skipped)."""
+        c, out = self.counts.gt.size, self.counts
+        flat_gt = np.asarray(gt).reshape(-1)
+        void = flat_gt == self.ignore_index
+        labelled = np.flatnonzero(~void) if void.any() else slice(None)  # no copy when all are
+        g = flat_gt[labelled].astype(np.intp)
+        if g.size and g.max() >= c:
+            raise ValueError(f"ground-truth value {int(g.max())} is neither a class "
+                             f"(0..{c - 1}) nor ignore ({self.ignore_index})")
+        out.gt += np.bincount(g, minlength=c)
+        s = np.asarray(ps, np.float32).reshape(c, -1)[:, labelled]
+        w, x = (np.zeros_like(s) if p is None else
+                np.asarray(p, np.float32).reshape(c, -1)[:, labelled] for p in (pw, pa))
+        # settled: the strict argmax of S is a weak argmax of W and A -> that class everywhere
+        top = s.argmax(axis=0)
+        cols = np.arange(g.size)
+        s_top = s[top, cols]
+        settled = ((s >= s_top).sum(axis=0) == 1) & (w[top, cols] >= w.max(axis=0)) \
+            & (x[top, cols] >= x.max(axis=0))
+        rest = np.flatnonzero(~settled)
+        alive = _candidates(s[:, rest], w[:, rest], x[:, rest], self.alphas, self.betas)
+        n_alive = alive.sum(axis=0)
+        labels = top
+        labels[rest[n_alive == 1]] = alive[:, n_alive == 1].argmax(axis=0)
+        common = np.ones(g.size, dtype=bool)
+        common[rest[n_alive > 1]] = False
+        out.pred += np.bincount(labels[common], minlength=c)
+        out.tp += np.bincount(g[common & (labels == g)], minlength=c)
+        for k in np.unique(n_alive[n_alive > 1]):
+            px = rest[n_alive == k]
+            cand = np.argsort(~alive[:, n_alive == k], axis=0, kind="stable")[:k]  # ascending
+            self._count_candidates(cand, g[px], s[:, px], w[:, px], x[:, px])
+
+    def _slots(self, cand: np.ndarray, s: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Which of the candidates ``cand`` (int [K, n], ascending classes) is the fused argmax
+        at every grid point: int8 [A, B, n] (bool for K = 2), by the float32 operations of
+        :func:`fuse`; a strict '>' keeps the lower class on a tie, like np.argmax."""
+        k_count, n = cand.shape
+        a, b = self.alphas, self.betas
+        cols = np.arange(n)
+        sv, wv, xv = s[cand, cols], w[cand, cols], x[cand, cols]         # [K, n]
+        t = sv[:, None] + a[:, None] * wv[:, None]                       # [K, A, n]
+        bx = b[:, None] * xv[:, None]                                    # [K, B, n]
+        shape = (len(a), len(b), n)
+        best = np.add(t[0][:, None], bx[0][None], out=self._buffer("best", shape, np.float32))
+        value = np.add(t[1][:, None], bx[1][None], out=self._buffer("value", shape, np.float32))
+        if k_count == 2:
+            return np.greater(value, best, out=self._buffer("slot", shape, np.bool_))
+        better = np.greater(value, best, out=self._buffer("better", shape, np.bool_))
+        slot = self._buffer("slot8", shape, np.int8)
+        np.copyto(slot, better)
+        for k in range(2, k_count):
+            np.maximum(best, value, out=best)
+            np.add(t[k][:, None], bx[k][None], out=value)
+            np.greater(value, best, out=better)
+            np.copyto(slot, np.int8(k), where=better)
+        return slot
+
+    def _count_candidates(self, cand: np.ndarray, g: np.ndarray, s: np.ndarray, w: np.ndarray,
+                          x: np.ndarray) -> None:
+        """Add the counts of pixels with K candidate classes each (``cand`` int [K, n]).
+
+        Pixels are sorted into runs sharing their candidates and the slot of their ground
+        truth; per run and grid point only how many pixels each slot wins matters
+        (``np.add.reduceat``): no class id per pixel and grid point is ever formed."""
+        k_count, n = cand.shape
+        grid, c = len(self.alphas) * len(self.betas), self.counts.gt.size
+        gslot = np.full(n, k_count, dtype=np.intp)
+        for k in range(k_count):
+            gslot[cand[k] == g] = k
+        order = np.lexsort((gslot, *cand[::-1]))
+        cand, gslot = cand[:, order], gslot[order]
+        key = np.vstack([cand, gslot])
+        starts = np.flatnonzero(np.r_[True, np.any(key[:, 1:] != key[:, :-1], axis=0)])
+        sizes = np.diff(np.r_[starts, n])
+        wins = np.zeros((k_count, grid, starts.size))     # pixels won by each slot, per run
+        run_of = np.repeat(np.arange(starts.size), sizes)
+        step = max(1, BLOCK_ELEMENTS // grid)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            px = order[lo:hi]
+            slots = self._slots(cand[:, lo:hi], s[:, px], w[:, px], x[:, px])
+            slots = slots.reshape(grid, hi - lo)
+            runs = np.unique(run_of[lo:hi])
+            local = np.maximum(starts[runs], lo) - lo
+            for k in range(1, k_count):
+                won = slots if k_count == 2 else np.equal(
+                    slots, k, out=self._buffer("won", slots.shape, np.bool_))
+                wins[k][:, runs] += np.add.reduceat(won.view(np.int8), local, axis=1,
+                                                    dtype=np.int32)
+        wins[0] = sizes - wins[1:].sum(axis=0)
+        # runs -> classes: a 0/1 matrix product, in float64 (BLAS; exact for counts < 2**53)
+        onehot = np.eye(c)
+        hits = gslot[starts][None, :] == np.arange(k_count)[:, None]     # [K, runs]
+        pred = sum(wins[k] @ onehot[cand[k, starts]] for k in range(k_count))
+        tp = sum(wins[k] @ (onehot[cand[k, starts]] * hits[k][:, None]) for k in range(k_count))
+        self.counts.pred += np.rint(pred).astype(np.int64).reshape(self.counts.pred.shape)
+        self.counts.tp += np.rint(tp).astype(np.int64).reshape(self.counts.tp.shape)
 
 
 def grid_counts(ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None, gt: np.ndarray, *,
                 alphas: Sequence[float], betas: Sequence[float],
                 ignore_index: int = IGNORE_INDEX) -> GridCounts:
-    """Counts of the fused argmax at every (alphas[i], betas[j]) against ``gt`` on one frame.
-
-    ``ps``, ``pw``, ``pa``: float32 [C, H, W] group maps (None: empty group); ``gt``: int [H, W]
-    train ids, ``ignore_index`` skipped. Weights must be >= 0. Equal to scoring
-    :func:`fuse_labels` at each grid point separately (see the module docstring).
-    """
-    alphas32 = np.asarray(alphas, np.float32)
-    betas32 = np.asarray(betas, np.float32)
-    if alphas32.min() < 0 or betas32.min() < 0:
-        raise ValueError("grid weights must be >= 0")
-    c = ps.shape[0]
-    out = GridCounts.zeros(alphas, betas, c)
-    flat_gt = np.asarray(gt).reshape(-1)
-    labelled = np.flatnonzero(flat_gt != ignore_index)
-    g = flat_gt[labelled].astype(np.intp)
-    if g.size and g.max() >= c:
-        raise ValueError(f"ground-truth value {int(g.max())} is neither a class (0..{c - 1}) "
-                         f"nor ignore ({ignore_index})")
-    out.gt += np.bincount(g, minlength=c)
-    s = np.asarray(ps, np.float32).reshape(c, -1)[:, labelled]
-    w, x = (np.zeros_like(s) if p is None else np.asarray(p, np.float32).reshape(c, -1)[:, labelled]
-            for p in (pw, pa))
-    # settled: the strict argmax of S is a weak argmax of W and A -> same class everywhere
-    top = s.argmax(axis=0)
-    cols = np.arange(g.size)
-    s_top = s[top, cols]
-    settled = ((s >= s_top).sum(axis=0) == 1) & (w[top, cols] >= w.max(axis=0)) \
-        & (x[top, cols] >= x.max(axis=0))
-    rest = np.flatnonzero(~settled)
-    alive = _candidates(s[:, rest], w[:, rest], x[:, rest], alphas32, betas32)
-    n_alive = alive.sum(axis=0)
-    labels = top
-    labels[rest[n_alive == 1]] = alive[:, n_alive == 1].argmax(axis=0)
-    common = np.ones(g.size, dtype=bool)
-    common[rest[n_alive > 1]] = False
-    out.pred += np.bincount(labels[common], minlength=c)
-    out.tp += np.bincount(g[common & (labels == g)], minlength=c)
-    for k in np.unique(n_alive[n_alive > 1]):
-        px = rest[n_alive == k]
-        cand = np.argsort(~alive[:, n_alive == k], axis=0, kind="stable")[:k]  # ascending ids
-        _count_candidates(out, cand, g[px], s[:, px], w[:, px], x[:, px], alphas32, betas32)
-    return out
+    """Counts of the fused argmax at every (alphas[i], betas[j]) against ``gt`` on one frame
+    (see :meth:`GridScorer.add`). Weights must be >= 0. Equal to scoring :func:`fuse_labels`
+    at each grid point separately (see the module docstring)."""
+    scorer = GridScorer(alphas, betas, ps.shape[0], ignore_index=ignore_index)
+    scorer.add(ps, pw, pa, gt)
+    return scorer.counts
 
 
 # ----------------------------------------------------------------------------- passes over OOF maps
@@ -292,7 +327,8 @@ class OofSource:
                 scale = "" if self.full_size or self.stride == 1 else f" at stride {self.stride}"
                 raise PipelineError(
                     f"{member.root}: out-of-fold map of frame '{frame.id}' is {list(probs.shape)} "
-                    f"[C, H, W] but {self.num_classes} classes and the mask{scale} need {list(want)}")
+                    f"[C, H, W] but {self.num_classes} classes and the mask{scale} need "
+                    f"{list(want)}")
             yield member.name, probs
 
 
@@ -331,7 +367,7 @@ def video_chunks(frames: Sequence[Frame], size: int) -> list[list[Frame]]:
 
 
 def run_chunks(fn: Callable, chunks: list[list[Frame]], *, workers: int, progress: bool,
-         desc: str) -> Iterator:
+               desc: str) -> Iterator:
     """``fn(chunk)`` for every chunk on ``workers`` joblib processes, results in order."""
     results = joblib.Parallel(n_jobs=workers, return_as="generator")(
         joblib.delayed(fn)(chunk) for chunk in chunks)
@@ -341,46 +377,20 @@ def run_chunks(fn: Callable, chunks: list[list[Frame]], *, workers: int, progres
             yield result
 
 
-def _member_chunk(frames: list[Frame], *, source: OofSource) -> dict[str, np.ndarray]:
-    c = source.num_classes
-    cms = {m.name: np.zeros((c, c), np.int64) for m in source.members}
-    for frame in frames:
-        gt = source.gt(frame)
-        for name, probs in source.maps(frame, gt.shape):
-            cms[name] += confusion_matrix(gt, _labels(probs), num_classes=c,
-                                          ignore_index=source.ignore_index)
-    return cms
+Table = dict[str, tuple[np.ndarray, VideoConsistency]]
 
 
-def _grid_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, Sequence[str]],
-                alphas: Sequence[float], betas: Sequence[float],
-                members_too: bool) -> tuple[GridCounts, dict[str, np.ndarray] | None]:
+def _pass_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, Sequence[str]],
+                rows: Mapping[str, MeanRow | FusedRow], windows: Sequence[int],
+                grid: tuple[list[float], list[float]] | None) -> tuple[GridCounts | None, Table]:
+    """One chunk of whole videos, in order: grid counts (when ``grid``) and each row's
+    confusion matrix and video consistency. Each member's map is read once per frame."""
     c = source.num_classes
     group_of = {name: group for group, names in groups.items() for name in names}
-    out = GridCounts.zeros(alphas, betas, c)
-    cms = {m.name: np.zeros((c, c), np.int64) for m in source.members} if members_too else None
-    for frame in frames:
-        gt = source.gt(frame)
-        means = {group: Mean() for group in GROUPS}
-        for name, probs in source.maps(frame, gt.shape, None if members_too else group_of):
-            if cms is not None:
-                cms[name] += confusion_matrix(gt, _labels(probs), num_classes=c,
-                                              ignore_index=source.ignore_index)
-            if name in group_of:
-                means[group_of[name]].add(probs)
-        out.add(grid_counts(*(means[g].value() for g in GROUPS), gt, alphas=alphas, betas=betas,
-                            ignore_index=source.ignore_index))
-    return out, cms
-
-
-def _rows_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, Sequence[str]],
-                rows: Mapping[str, MeanRow | FusedRow],
-                windows: Sequence[int]) -> dict[str, tuple[np.ndarray, VideoConsistency]]:
-    c = source.num_classes
-    group_of = {name: group for group, names in groups.items() for name in names}
-    fused = any(isinstance(row, FusedRow) for row in rows.values())
+    needs_groups = grid is not None or any(isinstance(r, FusedRow) for r in rows.values())
     needed = {n for row in rows.values() if isinstance(row, MeanRow) for n in row.members}
-    needed |= set(group_of) if fused else set()
+    needed |= set(group_of) if needs_groups else set()
+    scorer = GridScorer(*grid, c, ignore_index=source.ignore_index) if grid else None
     cms = {key: ConfusionMatrix(num_classes=c, ignore_index=source.ignore_index) for key in rows}
     vcs = {key: VideoConsistency(windows=windows) for key in rows}
     for i, frame in enumerate(frames):
@@ -396,6 +406,8 @@ def _rows_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, 
             for key, mean in row_means.items():
                 if name in rows[key].members:
                     mean.add(probs)
+        if scorer is not None:
+            scorer.add(*(means[g].value() for g in GROUPS), gt)
         for key, row in rows.items():
             if isinstance(row, MeanRow):
                 pred = _labels(row_means[key].value())
@@ -404,56 +416,39 @@ def _rows_chunk(frames: list[Frame], *, source: OofSource, groups: Mapping[str, 
                                    beta=row.beta)
             cms[key].update(gt, pred)
             vcs[key].add_frame(gt, pred)
-    return {key: (cms[key].matrix, vcs[key]) for key in rows}
+    return (scorer.counts if scorer else None), {key: (cms[key].matrix, vcs[key]) for key in rows}
 
 
-def score_members(source: OofSource, frames: Sequence[Frame], *, workers: int = 1,
-                  chunk_frames: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
-    """Confusion matrix int64 [C, C] of each member's argmax over ``frames`` (one read pass)."""
-    fn = functools.partial(_member_chunk, source=source)
-    total: dict[str, np.ndarray] = {}
-    for part in run_chunks(fn, frame_chunks(frames, chunk_frames), workers=workers, progress=progress,
-                     desc="score members"):
-        for name, cm in part.items():
-            total[name] = total[name] + cm if name in total else cm
-    return total
+def score_pass(source: OofSource, frames: Sequence[Frame], *,
+               rows: Mapping[str, MeanRow | FusedRow],
+               groups: Mapping[str, Sequence[str]] | None = None,
+               grid: tuple[Sequence[float], Sequence[float]] | None = None,
+               windows: Sequence[int] = VC_WINDOWS, workers: int = 1, chunk_frames: int = 32,
+               progress: bool = True, desc: str = "OOF pass") -> tuple[GridCounts | None, dict]:
+    """One read pass over ``frames`` (sorted by video and frame; whole videos per task).
 
-
-def score_grid(source: OofSource, frames: Sequence[Frame], *, groups: Mapping[str, Sequence[str]],
-               alphas: Sequence[float], betas: Sequence[float], members_too: bool = False,
-               workers: int = 1, chunk_frames: int = 32,
-               progress: bool = True) -> tuple[GridCounts, dict[str, np.ndarray] | None]:
-    """One read pass: :class:`GridCounts` of P_S + a P_W + b P_A at every grid point over
-    ``frames`` (``groups``: {"S"|"W"|"A": member names}), and with ``members_too`` each
-    member's confusion matrix as in :func:`score_members`. Chunks of ``chunk_frames`` frames
-    run on ``workers`` processes; each returns its partial counts."""
-    fn = functools.partial(_grid_chunk, source=source, groups=dict(groups), alphas=list(alphas),
-                           betas=list(betas), members_too=members_too)
-    counts = GridCounts.zeros(alphas, betas, source.num_classes)
-    cms: dict[str, np.ndarray] | None = None
-    for part, part_cms in run_chunks(fn, frame_chunks(frames, chunk_frames), workers=workers,
-                               progress=progress, desc="grid pass"):
-        counts.add(part)
-        if part_cms is not None:
-            cms = part_cms if cms is None else {k: cms[k] + v for k, v in part_cms.items()}
-    return counts, cms
-
-
-def score_rows(source: OofSource, frames: Sequence[Frame], *, groups: Mapping[str, Sequence[str]],
-               rows: Mapping[str, MeanRow | FusedRow], windows: Sequence[int] = VC_WINDOWS,
-               workers: int = 1, chunk_frames: int = 32,
-               progress: bool = True) -> dict[str, tuple[np.ndarray, dict[int, float]]]:
-    """One read pass in video order: per row its confusion matrix int64 [C, C] and mVC_n for
-    ``windows`` ({n: value}, nan when no video is longer than n frames). ``frames`` must be
-    sorted by (video, frame); whole videos go to one worker."""
-    fn = functools.partial(_rows_chunk, source=source, groups=dict(groups), rows=dict(rows),
-                           windows=tuple(windows))
+    ``groups``: {"S"|"W"|"A": member names}; ``grid``: (alphas, betas) to score
+    P_S + a P_W + b P_A at every grid point (:class:`GridCounts`, else None); ``rows``: named
+    :class:`MeanRow` / :class:`FusedRow` predictions, each returned as (confusion matrix int64
+    [C, C], {n: mVC_n} for ``windows``, nan where no video is longer than n frames).
+    Chunks of about ``chunk_frames`` frames run on ``workers`` joblib processes; each holds one
+    frame's maps at a time and returns its partial counts, which are summed here.
+    """
+    groups = {g: list((groups or {}).get(g, [])) for g in GROUPS}
+    grid = (list(grid[0]), list(grid[1])) if grid is not None else None
+    if (grid or any(isinstance(r, FusedRow) for r in rows.values())) and not groups["S"]:
+        raise ValueError("fusion needs a non-empty group S")
+    fn = functools.partial(_pass_chunk, source=source, groups=groups, rows=dict(rows),
+                           windows=tuple(windows), grid=grid)
     c = source.num_classes
+    counts = GridCounts.zeros(*grid, c) if grid else None
     cms = {key: np.zeros((c, c), np.int64) for key in rows}
     vcs = {key: VideoConsistency(windows=windows) for key in rows}
-    for part in run_chunks(fn, video_chunks(frames, chunk_frames), workers=workers, progress=progress,
-                     desc="table rows"):
-        for key, (cm, vc) in part.items():
+    for part, table in run_chunks(fn, video_chunks(frames, chunk_frames), workers=workers,
+                                  progress=progress, desc=desc):
+        if counts is not None:
+            counts.add(part)
+        for key, (cm, vc) in table.items():
             cms[key] += cm
             vcs[key].merge(vc)
-    return {key: (cms[key], vcs[key].result()) for key in rows}
+    return counts, {key: (cms[key], vcs[key].result()) for key in rows}
