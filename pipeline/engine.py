@@ -73,8 +73,8 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local)
 
 
-def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the rank's CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, *, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto`` -> the rank's CUDA device when there is one, else the CPU; errors name ``key``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -82,9 +82,9 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PipelineError(f"train.device: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
+        raise PipelineError(f"{key}: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"train.device is '{name}' but no CUDA device is available")
+        raise PipelineError(f"{key} is '{name}' but no CUDA device is available")
     return device
 
 

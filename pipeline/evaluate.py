@@ -155,14 +155,21 @@ def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
     classes = read_classes(classes_path)
     frames = labelled_frames(manifest, split)
     source = FolderPredictions(pred_dir)
+    return _score(source, frames, classes, pred=pred_dir, split=split, what="prediction",
+                  out=out, progress=progress, manifest=str(manifest))
+
+
+def _score(source, frames: Sequence[Frame], classes, *, pred: Path, split: str, what: str,
+           out: str | os.PathLike | None, progress: bool, **facts) -> dict:
+    """Check that ``source`` covers every frame, evaluate, and write the summary JSON."""
     missing = source.missing(frames)
     if missing:
-        raise PipelineError(f"{pred_dir}: {len(missing)} of {len(frames)} labelled '{split}' frames "
-                            f"have no prediction; first missing: {source.path(missing[0])}")
+        raise PipelineError(f"{pred}: {len(missing)} of {len(frames)} labelled '{split}' frames "
+                            f"have no {what}; first missing: {source.describe(missing[0])}")
     summary = evaluate_predictions(frames, classes, source, describe=source.describe,
                                    progress=progress)
-    summary.update(split=split, predictions=str(pred_dir), manifest=str(manifest))
-    atomic.write_json(out or default_out(pred_dir), summary)
+    summary.update(split=split, predictions=str(pred), **facts)
+    atomic.write_json(out or default_out(pred), summary)
     return summary
 
 
@@ -183,15 +190,8 @@ def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
     submission = get_format(name, dataset=classes.dataset, vspw_offset=offset)
     frames = labelled_frames(manifest, split)
     with ZipPredictions(zip_path, fmt=submission, num_classes=classes.num_classes) as source:
-        missing = source.missing(frames)
-        if missing:
-            raise PipelineError(f"{zip_path}: {len(missing)} of {len(frames)} labelled '{split}' frames "
-                                f"have no entry; first missing: {source.describe(missing[0])}")
-        summary = evaluate_predictions(frames, classes, source, describe=source.describe,
-                                       progress=progress)
-    summary.update(split=split, predictions=str(zip_path), format=submission.name, manifest=str(manifest))
-    atomic.write_json(out or default_out(zip_path), summary)
-    return summary
+        return _score(source, frames, classes, pred=zip_path, split=split, what="entry", out=out,
+                      progress=progress, format=submission.name, manifest=str(manifest))
 
 
 def is_zip(path: str | os.PathLike) -> bool:

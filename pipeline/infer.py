@@ -16,7 +16,7 @@ from typing import Sequence
 
 from pipeline.config import load_section
 from pipeline.engine import resolve_device
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import run_cli
 from pipeline.inference import SPLITS, infer_run
 from pipeline.tta import tta_from_params
 
@@ -52,10 +52,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     params = load_section(InferParams, "infer", args.params)
     tta = tta_from_params(False if args.no_tta else (params.tta or True), source=args.params,
                           section="infer.tta")
-    try:
-        device = resolve_device(args.device or params.device)
-    except PipelineError as err:
-        raise PipelineError(str(err).replace("train.device", "infer.device", 1)) from None
+    device = resolve_device(args.device or params.device,
+                            key="--device" if args.device else "infer.device")
     metrics = infer_run(run_dir=Path(args.run_dir), out_root=Path(args.out or params.out),
                         data_dir=Path(args.data), folds_path=Path(args.folds), tta=tta,
                         quant=params.quant, stride=params.stride, splits=params.splits,

@@ -61,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     if args.num_workers < 0:
         raise PipelineError(f"--num-workers must be >= 0, got {args.num_workers}")
-    try:
-        device = resolve_device(args.device)
-    except PipelineError as err:  # its message names the train stage's key
-        raise PipelineError(str(err).replace("train.device", "--device", 1)) from None
+    device = resolve_device(args.device, key="--device")
     run_dir = Path(args.run_dir)
     metrics = average_run(run_dir=run_dir, data_dir=Path(args.data), folds_path=Path(args.folds),
                           device=device, last=args.last,
