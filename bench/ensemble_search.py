@@ -132,7 +132,7 @@ def naive_trial(oof: Path, frames: list[Frame], groups: dict, lut: np.ndarray, c
     return mean_iou(cm.matrix)
 
 
-PHASES = {"Optuna study": (ensemble, "run_study"), "heatmap": (ensemble, "plot_heatmap"),
+PHASES = {"Optuna study": (ensembling, "run_study"), "heatmap": (ensembling, "plot_heatmap"),
           "pass": (fusion, "score_pass")}
 
 

@@ -233,6 +233,63 @@ def _grid_sampler(search_space: dict[str, list[float]]):
     return FastGridSampler(search_space, seed=0)
 
 
+def _bulk_insert(storage, study_id: int, trials: Sequence) -> bool:
+    """Insert finished ``trials`` into an RDB study in one transaction, row for row what
+    ``Study.add_trials`` stores (numbers, states, times, params, values, attributes).
+
+    ``add_trials`` goes through the ORM one trial at a time (~7 ms each, 3 s for a 21 x 21
+    grid); this writes the same rows in ~0.1 s. It uses Optuna's table models, so it runs only
+    on the schema version it was written for and returns False (nothing written) otherwise."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, RDBStorage) or models.SCHEMA_VERSION != 12 or any(
+            t.values is None or len(t.values) != 1 or t.intermediate_values for t in trials):
+        return False
+    session = rdb.scoped_session()
+    try:
+        study = models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        number = session.query(models.TrialModel).filter(
+            models.TrialModel.study_id == study_id).count()
+        rows = []
+        for k, t in enumerate(trials):
+            value, kind = models.TrialValueModel.value_to_stored_repr(t.values[0])
+            row = models.TrialModel(study_id=study.study_id, number=number + k, state=t.state,
+                                    datetime_start=t.datetime_start,
+                                    datetime_complete=t.datetime_complete)
+            row.values = [models.TrialValueModel(objective=0, value=value, value_type=kind)]
+            row.params = [models.TrialParamModel(
+                param_name=name, param_value=t.distributions[name].to_internal_repr(v),
+                distribution_json=distribution_to_json(t.distributions[name]))
+                for name, v in t.params.items()]
+            row.user_attributes = [models.TrialUserAttributeModel(key=key, value_json=json.dumps(v))
+                                   for key, v in t.user_attrs.items()]
+            row.system_attributes = [models.TrialSystemAttributeModel(key=key,
+                                                                      value_json=json.dumps(v))
+                                     for key, v in t.system_attrs.items()]
+            rows.append(row)
+        session.add_all(rows)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+    return True
+
+
+def add_trials(study, trials: Sequence) -> None:
+    """``study.add_trials(trials)``, in one transaction where the storage allows it."""
+    if not trials:
+        return
+    if not _bulk_insert(study._storage, study._study_id, trials):
+        study.add_trials(trials)
+
+
 def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[float],
               betas: Sequence[float], db: Path, fingerprint: str) -> list:
     """Grid-search (alpha, beta) with Optuna's GridSampler, the objective a lookup in
@@ -280,7 +337,7 @@ def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[f
                                trial.suggest_float("beta", lo_b, hi_b))]
 
             study.optimize(objective, n_trials=todo)
-            stored.add_trials(study.trials[len(done):])
+            add_trials(stored, study.trials[len(done):])
     finally:
         optuna.logging.set_verbosity(verbosity)
     return stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

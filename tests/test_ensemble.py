@@ -413,3 +413,24 @@ def test_apply_error_on_test_map_size_and_unusable_study(searched, capsys):
     (ws["out"] / "study.db").write_bytes(b"not a database" * 100)
     err = _error(capsys, argv(ws))
     assert "study.db" in err and "cannot open the Optuna study" in err
+
+
+def test_bulk_trial_insert_stores_what_add_trials_stores(tmp_path, monkeypatch):
+    scores = {(a, b): a - 2 * b for a in SMALL for b in SMALL}
+    ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=tmp_path / "bulk.db",
+                         fingerprint="fp")
+    monkeypatch.setattr(ensembling, "_bulk_insert", lambda *args: False)  # Optuna's own path
+    ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=tmp_path / "orm.db",
+                         fingerprint="fp")
+
+    def stored(name):
+        study = optuna.load_study(study_name=ensembling.STUDY_NAME,
+                                  storage=f"sqlite:///{tmp_path / name}")
+        return [(t.number, t.state, t.params, t.distributions, t.values, t.user_attrs,
+                 t.system_attrs, t.datetime_start is not None, t.datetime_complete is not None)
+                for t in study.trials], study.best_params
+
+    bulk, orm = stored("bulk.db"), stored("orm.db")
+    assert len(bulk[0]) == len(SMALL) ** 2
+    assert bulk == orm
+    assert bulk[1] == {"alpha": SMALL[-1], "beta": 0.0}
