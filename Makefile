@@ -1,11 +1,13 @@
 # Two entry points for a fresh machine with Python 3.11 and git:
 #   make run    create .venv if missing, install, run the whole DVC chain on the demo data
+#               (members side by side in JOBS lanes, then a plain `dvc repro`), print the summary
 #   make test   create .venv if missing, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+JOBS ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install run test test-all bench clean-venv
@@ -19,7 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/python pipeline/parallel.py --jobs $(JOBS)
+	@cat reports/summary.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -31,7 +31,7 @@ from pipeline.atomic import write_json
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
 from pipeline.data.manifest import ClassInfo, Frame
-from pipeline.data.transforms import transform_from_params
+from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.engine import load_run_data
 from pipeline.errors import PipelineError
 from pipeline.metrics import mean_iou
@@ -251,7 +251,7 @@ def _miou(model: nn.Module, frames: Sequence[Frame], *, classes: ClassInfo, augm
     batches = tqdm(build_eval_loader(dataset), desc=desc, unit="frame",
                    disable=not progress or None, mininterval=1.0)
     cm = validate(model.to(device), batches, num_classes=classes.num_classes, device=device,
-                  amp=amp, ignore_index=classes.ignore_index)
+                  amp=amp, ignore_index=classes.ignore_index, scale=val_scale(augment))
     return mean_iou(cm)
 
 

@@ -30,7 +30,7 @@ from pipeline.checkpoint import (load_checkpoint, model_from_checkpoint, restore
                                  save_checkpoint)
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
 from pipeline.data.manifest import ClassInfo, Frame
-from pipeline.data.transforms import transform_from_params
+from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.errors import PipelineError
 from pipeline.losses import build_loss
 from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
@@ -224,8 +224,11 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
     la = cfg.logit_adjust
     logit_adjust = ({"tau": la.tau, "scale": la.scale, "prior": data.prior_counts.tolist(),
                      "keep_prior_at_eval": la.keep_prior_at_eval} if la.enabled else None)
-    model = build_model(arch=m.arch, encoder=m.encoder, num_classes=classes.num_classes,
-                        weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)
+    try:
+        model = build_model(arch=m.arch, encoder=m.encoder, num_classes=classes.num_classes,
+                            weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)
+    except PipelineError as err:  # name the config: "unknown arch" alone does not say where
+        raise PipelineError(f"models.{cfg.name}: {err}") from None
     config = _ckpt_config(cfg, fold, seed, dict(model.model_config))
     model.to(device)
     cuda = device.type == "cuda"
@@ -357,7 +360,8 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
             validate_now = val_ds is not None and (it % m.val_interval == 0 or it in (m.iters, total))
             if validate_now and dist.is_main:
                 cm = validate(model, build_eval_loader(val_ds), num_classes=classes.num_classes,
-                              device=device, amp=m.amp, ignore_index=classes.ignore_index)
+                              device=device, amp=m.amp, ignore_index=classes.ignore_index,
+                              scale=val_scale(m.augment))
                 scores = _scores(cm, classes)
                 state["last"] = {"iter": it, **scores}
                 if state["best_miou"] is None or scores["miou"] > state["best_miou"]:

@@ -50,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     params = load_section(InferParams, "infer", args.params)
-    tta = tta_from_params(False if args.no_tta else (params.tta or True), source=args.params,
-                          section="infer.tta")
+    # infer.tta is checked even with --no-tta, so a typo there is not found only later by DVC
+    tta = tta_from_params(params.tta or True, source=args.params, section="infer.tta")
+    if args.no_tta:
+        tta = tta_from_params(False)
     device = resolve_device(args.device or params.device,
                             key="--device" if args.device else "infer.device")
     metrics = infer_run(run_dir=Path(args.run_dir), out_root=Path(args.out or params.out),

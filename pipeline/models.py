@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -277,8 +278,12 @@ def read_torch_file(path: str | Path, *, what: str, map_location: Any = "cpu") -
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # bad files raise RuntimeError, UnpicklingError, EOFError ...
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])[:200]
-        raise PipelineError(f"{path}: not a readable {what} ({first})") from None
+        first = next((ln for ln in lines if "Unsupported global" in ln), None)
+        if first is None and not zipfile.is_zipfile(path):
+            # torch's own words here ("pop from empty list", "weights_only ... will likely
+            # succeed") mislead; an old non-zip torch.save file that loads never gets here
+            first = "not a torch.save archive: truncated or corrupt"
+        raise PipelineError(f"{path}: not a readable {what} ({(first or lines[0])[:200]})") from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict:

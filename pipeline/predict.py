@@ -40,16 +40,25 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterable[dict], *, num_classes: int,
-             device: torch.device, amp: bool = False, ignore_index: int = 255) -> np.ndarray:
-    """Confusion matrix [C, C] of argmax predictions over ``batches`` (dicts with image, mask)."""
+             device: torch.device, amp: bool = False, ignore_index: int = 255,
+             scale: float = 1.0) -> np.ndarray:
+    """Confusion matrix [C, C] of argmax predictions over ``batches`` (dicts with image, mask);
+    ``scale`` != 1 predicts the images resized by it and resizes the logits back."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
     try:
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
+            size = images.shape[-2:]
+            if scale != 1.0:
+                images = F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                       align_corners=False)
             with autocast(device, amp):
                 logits = forward_padded(model, images)
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits.float(), size=size, mode="bilinear",
+                                       align_corners=False)
             pred = logits.argmax(1).to(torch.uint8).cpu().numpy()
             gt = batch["mask"].numpy().astype(np.uint8)
             for g, p in zip(gt, pred):

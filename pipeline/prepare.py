@@ -46,7 +46,7 @@ def check_frame(frame: Frame, *, lut: np.ndarray, num_classes: int) -> tuple[Fra
     mask = map_mask(read_raw_mask(frame.mask), lut, path=frame.mask)
     if mask.shape != (height, width):
         raise PipelineError(f"{frame.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{frame.image} is {width}x{height}")
+                            f"{frame.image} is {width}x{height} (width x height)")
     counts = np.bincount(mask.ravel(), minlength=256)[:num_classes].astype(np.int64)
     return frame, counts
 

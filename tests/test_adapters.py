@@ -254,6 +254,18 @@ def test_camvid_layout_on_a_fake_tree(tmp_path):
     assert [f.split for f in frames] == ["train"] * 3 + ["test"] * 2  # manifest order: train first
 
 
+
+def test_camvid_val_as_the_scored_test_split(tmp_path):
+    root = tmp_path / "camvid"
+    for split, stem in [("train", "0001TP_006690"), ("val", "0016E5_07959")]:
+        Image.fromarray(rgb()).save(_mk(root / split / f"{stem}.png"))
+        png(root / f"{split}annot" / f"{stem}.png", np.full((4, 6), 3))
+    frames, _ = build("camvid", root, tmp_path, train_splits=["train"], test_splits=["val"])
+    assert [(f.id, f.split, f.mask is not None) for f in frames] == [
+        ("0001TP_006690", "train", True), ("0016E5_07959", "test", True)]
+    with pytest.raises(PipelineError, match=r"\['val'\] are in both"):
+        build("camvid", root, tmp_path, train_splits=["train", "val"], test_splits=["val"])
+
 @pytest.mark.camvid
 def test_camvid_real_copy(camvid_root):
     frames, classes = build_dataset("camvid", root=camvid_root, work_dir=Path("unused"),

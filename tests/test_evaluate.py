@@ -175,3 +175,18 @@ def test_zip_errors(dataset, capsys):
     _assert_error(tmp_path, capsys, [str(tmp_path / "none.zip")], "none.zip", "not found")
     _assert_error(tmp_path, capsys, [str(tmp_path / "same_as_zip"), "--format", "folder"],
                   "same_as_zip", "zip only")
+
+
+def test_unlabelled_split_is_noted_when_labels_are_not_required(dataset, capsys):
+    tmp_path, masks = dataset
+    preds = tmp_path / "preds"
+    _write_preds(preds, masks)
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate: {split: val, require_labels: false}\n")
+    manifest = str(tmp_path / "data" / "manifest.csv")
+    summary = main([str(preds), "--manifest", manifest, "--params", str(params)])
+    assert summary["mIoU"] is None and summary["frames"] == 0 and "no labels" in summary["note"]
+    assert json.loads((tmp_path / "preds.eval.json").read_text()) == summary
+    # labelled splits are still scored, and a missing split stays an error by default
+    params.write_text("evaluate: {split: test, require_labels: false}\n")
+    assert main([str(preds), "--manifest", manifest, "--params", str(params)])["mIoU"] is not None

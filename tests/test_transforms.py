@@ -158,3 +158,12 @@ def test_transform_from_params_typo_lists_valid_keys():
 def test_transform_from_params_bad_values_name_the_key(cfg, key):
     with pytest.raises(PipelineError, match=f"'{key}'"):
         transform_from_params(cfg, train=True)
+
+
+def test_val_scale_defaults_to_one_and_rejects_bad_values():
+    from pipeline.data.transforms import val_scale
+    assert val_scale({}) == 1.0 and val_scale({"val_scale": 0.5}) == 0.5
+    transform_from_params({"crop": [8, 8], "val_scale": 0.5}, train=True)  # a known key
+    for bad in (0, -1, True, "half", 10):
+        with pytest.raises(PipelineError, match="'val_scale'"):
+            transform_from_params({"crop": [8, 8], "val_scale": bad}, train=False)

@@ -72,6 +72,7 @@ class CamvidOptions:
     """``prepare.camvid``: SegNet layout ``<split>/`` + ``<split>annot/``."""
 
     train_splits: list = field(default_factory=lambda: ["train", "val"])
+    test_splits: list = field(default_factory=lambda: ["test"])  # optional folders; masks optional
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -137,11 +138,17 @@ def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, tes
     return frames, classes
 
 
-def camvid_dataset(root: Path, *, train_splits: list) -> tuple[list[Frame], ClassInfo]:
-    """CamVid in the SegNet layout; ``train_splits`` go to ``train``, ``test/`` (if any) to ``test``."""
+def camvid_dataset(root: Path, *, train_splits: list,
+                   test_splits: list = ("test",)) -> tuple[list[Frame], ClassInfo]:
+    """CamVid in the SegNet layout; ``train_splits`` go to ``train``, the ``test_splits`` folders
+    that exist to ``test`` (their masks, where present, let the submission be scored)."""
+    overlap = set(map(str, train_splits)) & set(map(str, test_splits))
+    if overlap:
+        raise PipelineError(f"prepare.camvid: split(s) {sorted(overlap)} are in both train_splits "
+                            f"and test_splits")
     frames = []
-    for split in [*map(str, train_splits), "test"]:
-        target = "test" if split == "test" else "train"
+    for split, target in [*((str(s), "train") for s in train_splits),
+                          *((str(s), "test") for s in test_splits)]:
         folder = root / split
         if not folder.is_dir():
             if target == "train":

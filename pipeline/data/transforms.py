@@ -32,7 +32,7 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18 / 180
 
-PARAM_KEYS = ("crop", "scale", "hflip", "photometric", "mean", "std", "ignore_index")
+PARAM_KEYS = ("crop", "scale", "hflip", "photometric", "mean", "std", "ignore_index", "val_scale")
 
 
 def photometric_distortion(p: float = 0.5) -> list[A.BasicTransform]:
@@ -111,12 +111,23 @@ def _triple(cfg: Mapping[str, Any], key: str, source: str) -> tuple[float, float
     return tuple(float(v) for v in value)
 
 
+def val_scale(cfg: Mapping[str, Any] | None, *, source: str = "augment") -> float:
+    """``cfg["val_scale"]`` (default 1): validation during training and SWA's comparison predict
+    frames resized by this factor (logits resized back to the mask), for models trained on
+    rescaled crops; inference has its own TTA scales."""
+    value = (cfg or {}).get("val_scale", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 <= value <= 4:
+        raise PipelineError(f"{source}: 'val_scale' must be a number in [0.05, 4], got {value!r}")
+    return float(value)
+
+
 def transform_from_params(cfg: Mapping[str, Any], *, train: bool, source: str = "augment") -> A.Compose:
     """Build the train or eval transform from a params dict.
 
     ``cfg`` keys (all optional except ``crop`` for training): ``crop`` [h, w], ``scale``
     [low, high], ``hflip`` probability, ``photometric`` bool, ``mean``/``std`` RGB fractions,
-    ``ignore_index``. The eval transform uses only ``mean``/``std``; the same dict serves both.
+    ``ignore_index``, ``val_scale`` (the scale validation predicts at: :func:`val_scale`).
+    The eval transform uses only ``mean``/``std``; the same dict serves both.
     Unknown keys and bad values raise PipelineError naming ``source`` and the key.
     """
     cfg = dict(cfg or {})
@@ -125,6 +136,7 @@ def transform_from_params(cfg: Mapping[str, Any], *, train: bool, source: str = 
         raise PipelineError(f"{source}: unknown key '{unknown[0]}'; "
                             f"valid keys: {', '.join(sorted(PARAM_KEYS))}")
     norm = {k: _triple(cfg, k, source) for k in ("mean", "std") if k in cfg}
+    val_scale(cfg, source=source)
     if not train:
         return eval_transform(**norm)
     if "crop" not in cfg:

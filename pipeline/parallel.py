@@ -1,0 +1,162 @@
+"""Run the chain with independent members side by side: ``dvc repro`` in lanes.
+
+    python pipeline/parallel.py [--jobs 2] [--gpus 0,1] [--dry-run]
+
+``dvc repro`` runs matrix members one after another. DVC releases its lock while a stage's
+command runs, so independent members can run as separate ``dvc --wait-for-lock repro``
+processes. This script does that in three phases, then hands over to a plain ``dvc repro``:
+
+1. ``dvc repro folds`` (prepare and folds, once);
+2. every model x fold x seed member, ``--jobs`` at a time: ``train@<model>-<fold>-<seed>``,
+   then its ``swa@`` and ``infer@``, each as a single stage (``repro -s``: a lane must not
+   touch the shared upstream stages that another lane's running stage reads);
+3. every student (``students@``, ``swa_students@``, ``infer_students@``), likewise: their
+   teachers are done by then;
+4. ``dvc repro``: the ensemble, the submission and whatever is left.
+
+Each lane gets ``OMP_NUM_THREADS`` = cores / jobs on CPU, or one GPU via
+``CUDA_VISIBLE_DEVICES`` with ``--gpus``. A lane's output goes to ``logs/<target>.log``; a failed
+lane stops new launches and shows its log's tail. Interrupting is safe: training resumes from
+its last checkpoint and inference from the maps already written on the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from pipeline.errors import PipelineError, run_cli
+from pipeline.runs import load_train_params
+
+
+def member_targets(*, models: Sequence[str], students: Sequence[dict], folds: Sequence[int],
+                   seeds: Sequence[int]) -> tuple[list[list[str]], list[list[str]]]:
+    """The DVC stages of each member's chain, in order: (teacher chains, student chains),
+    named the way ``dvc.yaml``'s matrices name them (``train@<model>-<fold>-<seed>``;
+    students by their list position, ``students@student<i>-<fold>-<seed>``)."""
+    teachers = [[f"{stage}@{m}-{f}-{s}" for stage in ("train", "swa", "infer")]
+                for m in models for f in folds for s in seeds]
+    pupils = [[f"{stage}@student{i}-{f}-{s}"
+               for stage in ("students", "swa_students", "infer_students")]
+              for i in range(len(students)) for f in folds for s in seeds]
+    return teachers, pupils
+
+
+def lane_env(lane: int, *, jobs: int, gpus: Sequence[str], cores: int) -> dict[str, str]:
+    """Environment of lane ``lane``: one GPU each (``gpus``), else an equal share of the cores."""
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[lane % len(gpus)]
+    threads = str(max(1, cores // max(1, jobs)))
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env.setdefault("MKL_NUM_THREADS", threads)
+    return env
+
+
+def log_path(logs: Path, stage: str) -> Path:
+    return logs / f"{stage.replace('@', '_')}.log"
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str], logs: Path,
+              dry_run: bool = False) -> None:
+    """``dvc --wait-for-lock repro -s STAGE`` for the stages of every chain in order, ``jobs``
+    chains at a time."""
+    if not chains:
+        return
+    cores = os.cpu_count() or 1
+    if not dry_run:
+        logs.mkdir(parents=True, exist_ok=True)
+    free = list(range(jobs))
+    lock = threading.Lock()
+
+    def one(chain: Sequence[str]) -> tuple[str, int, float]:
+        with lock:
+            lane = free.pop(0)
+        env = lane_env(lane, jobs=jobs, gpus=gpus, cores=cores)
+        start, code = time.monotonic(), 0
+        try:
+            if dry_run:
+                with lock:
+                    for stage in chain:
+                        print(f"  lane {lane}: dvc --wait-for-lock repro -s {stage}", flush=True)
+                return chain[-1], 0, 0.0
+            with open(log_path(logs, chain[-1]), "w") as log:
+                for stage in chain:
+                    cmd = _dvc("--wait-for-lock", "repro", "-s", stage)
+                    log.write(f"$ {shlex.join(cmd[2:])}\n")
+                    log.flush()
+                    code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    if code:
+                        break
+            return chain[-1], code, time.monotonic() - start
+        finally:
+            with lock:
+                free.append(lane)
+
+    todo, running, failed = list(chains), set(), []
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while todo or running:
+            while todo and len(running) < jobs and not failed:
+                running.add(pool.submit(one, todo.pop(0)))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                target, code, seconds = future.result()
+                done += 1
+                print(f"[{done}/{len(chains)}] {target}: "
+                      f"{'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
+                      flush=True)
+                if code:
+                    failed.append(target)
+    if failed:
+        log = log_path(logs, failed[0])
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
+        raise PipelineError(f"{log}: {', '.join(failed)} failed; fix it and run this again "
+                            f"(finished members are kept)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="members running at once")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids, one per lane")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--logs", default="logs")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise PipelineError(f"--jobs must be >= 1, got {args.jobs}")
+    gpus = [g for g in args.gpus.split(",") if g.strip()]
+    train = load_train_params(args.params)
+    teachers, pupils = member_targets(models=train.models, students=train.students,
+                                      folds=train.folds, seeds=train.seeds)
+    steps = [("prepare and folds", [_dvc("repro", "folds")]), ("members", teachers),
+             ("students", pupils), ("the rest", [_dvc("repro")])]
+    for title, work in steps:
+        if not work:
+            continue
+        print(f"== {title}", flush=True)
+        if title in ("members", "students"):
+            run_lanes(work, jobs=args.jobs, gpus=gpus, logs=Path(args.logs), dry_run=args.dry_run)
+        elif args.dry_run:
+            print(f"  {shlex.join(work[0][2:])}")
+        elif subprocess.call(work[0]) != 0:
+            raise PipelineError(f"`{shlex.join(work[0][2:])}` failed (see above)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,41 @@
+"""Stage: figures and the end-of-run summary for a person, from what the chain wrote.
+
+    python pipeline/report.py [--runs runs] [--oof oof_preds] [--ensemble ensemble]
+                              [--submissions submissions] [--data data] [--out reports]
+                              [--name submission]
+
+Writes ``<out>/`` as a whole (training curves, per-class IoU, confusion matrix, ensemble heatmap,
+overlays, ``summary.md``, ``summary.json``; see :mod:`pipeline.reports`) and prints the summary.
+Parts whose inputs are missing are skipped with a note; no training run at all is an error.
+The stage has no params.yaml section: it only reads results.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from pipeline.errors import run_cli
+from pipeline.reports import build_report, format_summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", help="training runs <model>_f<K>_s<S>/")
+    parser.add_argument("--oof", default="oof_preds", help="members' maps and meta.json")
+    parser.add_argument("--ensemble", default="ensemble", help="the ensemble stage's outputs")
+    parser.add_argument("--submissions", default="submissions")
+    parser.add_argument("--data", default="data", help="manifest.csv and classes.json")
+    parser.add_argument("--out", default="reports")
+    parser.add_argument("--name", default="submission", help="submission name (submit.name)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    summary = build_report(runs_dir=args.runs, oof_dir=args.oof, ensemble_dir=args.ensemble,
+                           submissions_dir=args.submissions, data_dir=args.data, out_dir=args.out,
+                           name=args.name, progress=not args.no_progress)
+    print(format_summary(summary), end="")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
