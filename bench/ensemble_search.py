@@ -14,24 +14,33 @@ pixels (the slow case of the grid pass). 4 members are of the "primary" family, 
 auxiliary; uint8 probstore maps over 2 folds. Side by side in one run:
 
   (a) plain read pass: every OOF map read once (probstore.read_probs), nothing else, one process;
-  (b) the full search of ``pipeline/ensemble.py --search`` (auto groups: a member-ranking pass,
-      the grid pass over 21 x 21 points, Optuna with its SQLite study, the table's pass with
-      video consistency, outputs), with ``--workers`` processes and with 1;
+  (b) the full search of ``pipeline/ensemble.py --search`` (auto groups ranked by the confusion
+      matrices that inference stores in meta.json; the grid pass over 21 x 21 points, which
+      also scores the best member and the uniform mean and leaves compact label records;
+      Optuna with its SQLite study, opened during the grid pass when there are workers; the
+      fused rows rebuilt from the records and the heatmap, on the workers while the study
+      runs; outputs), with ``--workers`` processes and with 1 (phases timed: with one worker
+      they run one after the other in this process);
   (c) naive: per trial, read every map again, fuse at that (alpha, beta), score; timed on
       ``--naive`` grid points and extrapolated per trial.
 
 Prints (b)/(a) (target <= 3) and naive per trial vs ours per trial (= (b) / 441).
 
-Measured on a shared 2-core CPU box (numbers move ~15 % between runs):
+Measured on a shared 2-core CPU box while two other CPU-bound jobs (model training) kept both
+cores busy, two runs each; the 2-worker search suffers most from such load, so compare runs
+made under the same load only:
 
-  default (6 x 200 x 10x96x128, 83 % of pixels settled): (a) 0.97 s; (b) 6.4 s with 2 workers
-      (6.6 x), 8.0 s with 1 (8.3 x) = grid pass 3.1 x + fused-rows pass 1.3 x + Optuna/SQLite
-      3.4 s (441 trials: ~2.5 s of it is SQLAlchemy inserts, a fixed cost) + heatmap 0.2 s;
-      naive 1.24 s per trial vs ours 0.015 s (85 x); an unchanged re-run takes 0.5 s.
-  --no-meta-cm: one more pass (ranking the members, 1.4 x) before the grid pass.
-  --frames 400 --videos 20 --height 192 --width 256: (a) 4.9 s; (b) 17.7 s with 2 workers
-      (3.6 x), 27.4 s with 1 (grid pass 3.6 x, fused rows 1.4 x, Optuna 0.6 x);
-      naive 6.1 s per trial vs ours 0.040 s (151 x).
+  default (6 x 200 x 10x96x128, 83 % of pixels settled): (a) 1.00 s; (b) 5.1-5.2 s with 2
+      workers (5.13 x, 5.23 x), 4.0-4.1 s with 1 (4.06 x, 4.05 x) = grid pass 2.4-2.5 x +
+      Optuna/SQLite 0.9-1.0 x + heatmap 0.5 x (matplotlib's first import in the process: the
+      2-worker run drew it on a worker) + fused rows from the records 0.07 x; naive 1.3 s per
+      trial vs ours 0.012 s (~110 x); an unchanged re-run takes 0.5 s. Before (the fused rows'
+      own read pass and every member's row in the grid pass), same load: 7.3-7.7 x with 2
+      workers, 6.0 x with 1 (grid pass 3.2 x, fused-rows pass 1.4 x, Optuna 1.1 x).
+  --no-meta-cm: one more pass (ranking the members, 1.8 x) before the grid pass.
+  --frames 400 --videos 20 --height 192 --width 256: (a) 4.8 s; (b) 18.5 s with 2 workers
+      (3.8 x), 17.0 s with 1 (grid pass 3.1 x, fused rows from records 0.09 x, Optuna 0.2 x);
+      naive 6.6 s per trial vs ours 0.042 s (157 x).
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from pipeline import ensemble, ensembling, fusion
+from pipeline import ensembling, fusion
 from pipeline.data.manifest import (ClassInfo, Frame, default_palette, read_classes, read_manifest,
                                     read_mask, write_classes, write_manifest)
 from pipeline.metrics import ConfusionMatrix, confusion_matrix, mean_iou
@@ -133,12 +142,15 @@ def naive_trial(oof: Path, frames: list[Frame], groups: dict, lut: np.ndarray, c
 
 
 PHASES = {"Optuna study": (ensembling, "run_study"), "heatmap": (ensembling, "plot_heatmap"),
-          "pass": (fusion, "score_pass")}
+          "fused rows from records": (fusion, "_rows_chunk"), "pass": (fusion, "score_pass")}
 
 
 def search(ws: dict[str, Path], out: Path, workers: int) -> tuple[float, dict, dict[str, float]]:
-    """Seconds of one ``--search`` (auto groups, 21 x 21), its result and the seconds of each
-    phase: every read pass (named by its ``desc``), the Optuna study, the heatmap, the rest."""
+    """Seconds of one ``--search`` (auto groups, 21 x 21), its result and, with one worker
+    (everything then runs in this process, one phase after the other), the seconds of each
+    phase: every read pass (named by its ``desc``), the Optuna study, the heatmap, the fused
+    rows rebuilt from the grid pass's label records, the rest. With more workers the heatmap
+    and the fused rows run on them while the study runs here: only the total is timed."""
     phases: dict[str, float] = {}
     originals = {name: getattr(module, attr) for name, (module, attr) in PHASES.items()}
 
@@ -152,8 +164,9 @@ def search(ws: dict[str, Path], out: Path, workers: int) -> tuple[float, dict, d
                 phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
         return call
 
-    for name, (module, attr) in PHASES.items():
-        setattr(module, attr, timed(name))
+    if workers == 1:
+        for name, (module, attr) in PHASES.items():
+            setattr(module, attr, timed(name))
     try:
         start = time.perf_counter()
         result = ensembling.search_ensemble(
@@ -163,7 +176,8 @@ def search(ws: dict[str, Path], out: Path, workers: int) -> tuple[float, dict, d
     finally:
         for name, (module, attr) in PHASES.items():
             setattr(module, attr, originals[name])
-    phases["rest (inputs, fingerprint, outputs)"] = total - sum(phases.values())
+    if workers == 1:
+        phases["rest (inputs, fingerprint, outputs)"] = total - sum(phases.values())
     return total, result, phases
 
 

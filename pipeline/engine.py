@@ -211,6 +211,19 @@ def _scores(cm: np.ndarray, classes: ClassInfo) -> dict:
                               for n, v in zip(classes.names, ious)}}
 
 
+def _check_crop(model: nn.Module, crop, *, where: str) -> None:
+    """Models that need input sides divisible by their output stride (smp's FPN, PSPNet, ...)
+    get training crops as they are: refuse a crop they cannot take, before any work."""
+    stride = getattr(getattr(model, "encoder", None), "output_stride", None)
+    if not (getattr(model, "requires_divisible_input_shape", False) and stride and crop):
+        return
+    h, w = (int(v) for v in crop)
+    if h % stride or w % stride:
+        fit = [max(stride, v // stride * stride) for v in (h, w)]
+        raise PipelineError(f"{where}: {[h, w]} must divide by {stride} for this architecture "
+                            f"(its encoder's output stride); e.g. {fit}")
+
+
 def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data: RunData,
               device: torch.device, num_workers: int = 0, teacher: Path | None = None,
               dist: Dist = Dist(), deterministic: bool = True, progress: bool = True) -> dict:
@@ -245,6 +258,7 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
                                 swa_cycle=swa.interval, swa_max_ratio=swa.max_lr_ratio,
                                 swa_min_ratio=swa.min_lr_ratio)
     crop = m.augment.get("crop")
+    _check_crop(model, crop, where=f"models.{cfg.name}.augment.crop")
     specs = list(m.loss)
     teacher_model = None
     if teacher is not None:

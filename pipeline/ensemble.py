@@ -10,12 +10,16 @@ families), or the lists given in ``ensemble.groups``. The fused map is P_S + alp
 beta P_A (VSPW 2021, 5th place: 57.26 best single -> 58.01 P_S -> 58.50 +W -> 61.10 +A).
 
 ``--search`` scores every (alpha, beta) of the grid in one streaming pass over the OOF maps
-(:func:`pipeline.fusion.score_pass`, which also scores each member, their uniform mean and P_S),
+(:func:`pipeline.fusion.score_pass`, which also scores the best member and the uniform mean),
 then runs an Optuna study with a ``GridSampler`` whose objective only looks the scores up; the
-study lives in ``<out>/study.db`` (SQLite) and resumes. A second pass over the grouped members
-scores the two fused rows of the table (their video consistency needs their label maps).
-Automatic groups rank the members by the OOF confusion matrices that inference stores in
-meta.json ("oof_cm_tta", checked against the maps in the grid pass), or by a pass of their own.
+study lives in ``<out>/study.db`` (SQLite) and resumes. The fused rows of the table (P_S,
+P_S + alpha P_W, the best point) need label maps for their video consistency: the grid pass
+leaves compact label records (temporary, under ``<out>``) from which they are rebuilt exactly,
+on the workers while the study runs, without reading a map again. Members are ranked by the
+OOF confusion matrices that inference stores in meta.json ("oof_cm_tta"; checked against the
+maps: every member's ground-truth counts, and the best member's matrix in full), or else by a
+pass of their own (auto groups) or in the grid pass (explicit groups). A search killed at any
+point resumes to the same outputs: the study keeps each grid point once, weights.json comes last.
 Outputs: ``weights.json`` (groups, alpha, beta, grid, score, input fingerprint),
 ``metrics.json`` (the ensemble table on OOF: flat ``<row>_mIoU`` / ``_mVC8`` / ``_mVC16`` keys),
 ``members.json`` (OOF mIoU, family and group of each member), ``heatmap.png`` and

@@ -7,16 +7,21 @@ live in :mod:`pipeline.fusion`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import joblib
 import numpy as np
 
 from pipeline import atomic, fusion
@@ -31,7 +36,9 @@ DEFAULT_GRID = {"start": 0.0, "stop": 2.0, "step": 0.1}
 ROWS = ("best_single", "uniform_mean", "S", "S_W", "S_W_A")
 CACHE, WEIGHTS, METRICS, MEMBERS, HEATMAP = ("grid_scores.npz", "weights.json", "metrics.json",
                                              "members.json", "heatmap.png")
+CONFUSION = "confusion.json"  # {row: [C][C] OOF confusion matrix} of the table's rows (reports)
 TEST_PRED = "test_pred"
+RECORDS = ".grid_records-"   # temp folder prefix (under the output folder) of the label records
 
 
 # ----------------------------------------------------------------------------- params
@@ -290,16 +297,12 @@ def add_trials(study, trials: Sequence) -> None:
         study.add_trials(trials)
 
 
-def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[float],
-              betas: Sequence[float], db: Path, fingerprint: str) -> list:
-    """Grid-search (alpha, beta) with Optuna's GridSampler, the objective a lookup in
-    ``scores``; the study is kept in SQLite at ``db`` and resumed: grid points already done are
-    not repeated. A study made from other inputs (fingerprint) is replaced. Returns the
-    study's complete trials.
+def open_study(*, alphas: Sequence[float], betas: Sequence[float], db: Path,
+               fingerprint: str) -> tuple[Any, list]:
+    """(the study kept in SQLite at ``db`` for this grid, its complete trials): created, or
+    loaded to resume; a study made from other inputs (fingerprint, grid) is replaced.
 
-    Trials run in memory and are then added to SQLite in one go: with SQLite as the live
-    storage each trial costs ~60 ms of database round trips (30 s for 441 lookups).
-    """
+    Needs no score: :func:`search_ensemble` opens it while the grid pass runs."""
     import optuna
     from optuna.trial import TrialState
 
@@ -322,9 +325,34 @@ def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[f
             optuna.delete_study(study_name=STUDY_NAME, storage=storage)
             stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
                                          direction="maximize")
-        stored.set_user_attr("fingerprint", fingerprint)
-        stored.set_user_attr("grid", space)
-        done = stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for key, value in (("fingerprint", fingerprint), ("grid", space)):
+            if stored.user_attrs.get(key) != value:  # each write is a commit (an fsync)
+                stored.set_user_attr(key, value)
+        return stored, stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[float],
+              betas: Sequence[float], db: Path, fingerprint: str,
+              opened: tuple[Any, list] | None = None) -> list:
+    """Grid-search (alpha, beta) with Optuna's GridSampler, the objective a lookup in
+    ``scores``; the study is kept in SQLite at ``db`` and resumed: grid points already done are
+    not repeated (see :func:`open_study`; ``opened``: what it returned for these arguments).
+    Returns the study's complete trials.
+
+    Trials run in memory and are then added to SQLite in one go: with SQLite as the live
+    storage each trial costs ~60 ms of database round trips (30 s for 441 lookups).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    stored, done = opened or open_study(alphas=alphas, betas=betas, db=db,
+                                        fingerprint=fingerprint)
+    space = {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas]}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
         study = optuna.create_study(direction="maximize", sampler=_grid_sampler(space))
         study.add_trials(done)
         todo = len(space["alpha"]) * len(space["beta"]) - len(
@@ -340,7 +368,8 @@ def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[f
             add_trials(stored, study.trials[len(done):])
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # what is stored now: the trials read at the start and those just added (no re-read)
+    return [*done, *(t for t in study.trials[len(done):] if t.state == TrialState.COMPLETE)]
 
 
 def best_point(points: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
@@ -380,18 +409,23 @@ def _num(value: float) -> float | None:
 
 
 def save_cache(path: Path, *, fp: str, counts: fusion.GridCounts, table: Mapping[str, tuple],
-               rows: Mapping[str, fusion.MeanRow | fusion.FusedRow]) -> None:
-    """The grid counts and the rows' results of the passes over inputs ``fp`` (atomic npz)."""
-    doc = {key: {"row": dataclasses.asdict(rows[key]), "cm": cm.tolist(),
-                 "vc": {str(n): v for n, v in vc.items()}} for key, (cm, vc) in table.items()}
+               rows: Mapping[str, fusion.MeanRow | fusion.FusedRow],
+               member_cms: Mapping[str, np.ndarray]) -> None:
+    """The grid counts, the rows' results and every member's confusion matrix of the search
+    over inputs ``fp`` (atomic npz)."""
+    doc = {"rows": {key: {"row": dataclasses.asdict(rows[key]), "cm": np.asarray(cm).tolist(),
+                          "vc": {str(n): v for n, v in vc.items()}}
+                    for key, (cm, vc) in table.items()},
+           "member_cms": {n: np.asarray(cm).tolist() for n, cm in member_cms.items()}}
     with atomic.atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, fingerprint=fp, alphas=counts.alphas, betas=counts.betas, tp=counts.tp,
                      pred=counts.pred, gt=counts.gt, table=json.dumps(doc))
 
 
-def load_cache(path: Path, fp: str) -> tuple[fusion.GridCounts, dict, dict] | None:
-    """(counts, table, rows) of :func:`save_cache` when made from the same inputs, else None."""
+def load_cache(path: Path, fp: str) -> tuple[fusion.GridCounts, dict, dict, dict] | None:
+    """(counts, table, rows, member_cms) of :func:`save_cache` when made from the same inputs
+    (and by this version), else None."""
     try:
         with np.load(path) as data:
             if str(data["fingerprint"]) != fp:
@@ -399,13 +433,15 @@ def load_cache(path: Path, fp: str) -> tuple[fusion.GridCounts, dict, dict] | No
             counts = fusion.GridCounts(data["alphas"], data["betas"], data["tp"], data["pred"],
                                        data["gt"])
             doc = json.loads(str(data["table"]))
-    except (OSError, KeyError, ValueError):
+        entries, member_cms = doc["rows"], doc["member_cms"]
+        rows = {key: fusion.MeanRow(tuple(e["row"]["members"])) if "members" in e["row"]
+                else fusion.FusedRow(**e["row"]) for key, e in entries.items()}
+        table = {key: (np.asarray(e["cm"], np.int64), {int(n): v for n, v in e["vc"].items()})
+                 for key, e in entries.items()}
+        member_cms = {n: np.asarray(cm, np.int64) for n, cm in member_cms.items()}
+    except (OSError, KeyError, ValueError, TypeError, AttributeError):
         return None
-    rows = {key: fusion.MeanRow(tuple(e["row"]["members"])) if "members" in e["row"]
-            else fusion.FusedRow(**e["row"]) for key, e in doc.items()}
-    table = {key: (np.asarray(e["cm"], np.int64), {int(n): v for n, v in e["vc"].items()})
-             for key, e in doc.items()}
-    return counts, table, rows
+    return counts, table, rows, member_cms
 
 
 def pct(value: float | None) -> str:
@@ -422,6 +458,110 @@ def format_table(metrics: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- search
+def check_meta_confusions(member_cms: Mapping[str, np.ndarray], *, gt_counts: np.ndarray,
+                          scored: Mapping[str, np.ndarray], roots: Mapping[str, Path]) -> None:
+    """The members' stored OOF confusion matrices (meta.json "oof_cm_tta") against the maps:
+    every one must count the ground truth the pass counted (``gt_counts`` int [C], its row
+    sums), and those the pass ``scored`` ({name: cm}) must equal them."""
+    for name, cm in member_cms.items():
+        if not np.array_equal(cm.sum(axis=1), gt_counts) or (
+                name in scored and not np.array_equal(cm, scored[name])):
+            raise PipelineError(f"{roots[name]}: the confusion matrix in its meta.json "
+                                f"(oof_cm_tta) disagrees with its OOF maps; re-run its inference")
+
+
+def best_member(member_cms: Mapping[str, np.ndarray]) -> str:
+    """The member of the highest OOF mIoU (ties: the first name)."""
+    return min(member_cms, key=lambda n: (-mean_iou(member_cms[n]), n))
+
+
+def _member_rows(names: Sequence[str]) -> dict[str, fusion.MeanRow]:
+    return {f"member:{n}": fusion.MeanRow((n,)) for n in names}
+
+
+def _grid_pass(source: fusion.OofSource, frames: Sequence[Frame], *,
+               member_cms: Mapping[str, np.ndarray] | None, auto_groups: bool, grouping,
+               grid: tuple[list[float], list[float]], record_dir: Path, run: Mapping[str, Any],
+               manifest: Path, starting=lambda grid: None) -> tuple[fusion.GridCounts, dict,
+                                                                   dict, dict]:
+    """The read passes: (counts, table, rows, member_cms). ``member_cms``: the members'
+    stored confusion matrices (meta.json), checked against the maps here, else None: auto
+    groups then rank the members in a pass of their own first, explicit ones score them in
+    the grid pass. Of the members' rows (confusion matrix and video consistency) only the
+    best member's is needed; the grid pass leaves its label records in ``record_dir``.
+    ``starting(grid)`` is called as the grid pass starts, with the grid it scores."""
+    names = [m.name for m in source.members]
+    rows: dict = {}
+    table: dict = {}
+    if member_cms is not None:
+        grid_rows = _member_rows([best_member(member_cms)])
+    elif auto_groups:
+        rows = _member_rows(names)
+        _, table = fusion.score_pass(source, frames, rows=rows, desc="rank members", **run)
+        member_cms, grid_rows = {n: table[f"member:{n}"][0] for n in names}, {}
+    else:
+        grid_rows = _member_rows(names)
+    grid_rows["uniform_mean"] = fusion.MeanRow(tuple(names))
+    chosen = grouping(member_cms)
+    grid = (grid[0] if chosen["W"] else [0.0], grid[1] if chosen["A"] else [0.0])
+    starting(grid)
+    counts, scored = fusion.score_pass(source, frames, rows=grid_rows, groups=chosen,
+                                       desc="grid pass", grid=grid, record_dir=record_dir,
+                                       **run)
+    if not counts.gt.sum():
+        raise PipelineError(f"{manifest}: the masks of the {len(frames)} out-of-fold frames "
+                            f"have no labelled pixel")
+    table.update(scored)
+    rows.update(grid_rows)
+    if member_cms is None:
+        member_cms = {n: table[f"member:{n}"][0] for n in names}
+    else:
+        check_meta_confusions(member_cms, gt_counts=counts.gt,
+                              roots={m.name: m.root for m in source.members},
+                              scored={n: table[f"member:{n}"][0] for n in names
+                                      if f"member:{n}" in table})
+    return counts, table, rows, member_cms
+
+
+def _fused_rows_and_heatmap(point: tuple[float, float], *, alpha_sw: float, rows: dict,
+                            table: dict, record_dir: Path | None, heatmap: Path,
+                            miou: np.ndarray, grid: tuple[list[float], list[float]],
+                            num_classes: int, ignore_index: int, workers: int, fallback,
+                            meanwhile=lambda: None):  # noqa: ANN001, ANN202
+    """Render the heatmap and add the fused rows S, S_W, S_W_A (best ``point``) to ``rows``
+    and ``table``, on the workers while ``meanwhile()`` runs here; returns its result.
+
+    The rows' video consistency needs their label maps: they are rebuilt from the grid
+    pass's records (no map is read again), else ``fallback(rows)`` scores them in a pass."""
+    fused = {"S": fusion.FusedRow(0.0, 0.0), "S_W": fusion.FusedRow(alpha_sw, 0.0),
+             "S_W_A": fusion.FusedRow(*point)}
+    todo = {key: row for key, row in fused.items() if rows.get(key) != row}
+    tasks = [joblib.delayed(plot_heatmap)(heatmap, miou, *grid, point)]
+    if todo and record_dir is not None:
+        tasks += fusion.fused_rows_tasks(record_dir, rows=todo, num_classes=num_classes,
+                                         ignore_index=ignore_index)
+    # the workers are warm only after a grid pass in this process
+    pending = joblib.Parallel(n_jobs=workers if record_dir is not None else 1,
+                              return_as="generator")(tasks)
+    try:
+        value = meanwhile()
+    finally:
+        _, *tables = pending  # the tasks end either way: no generator is left running
+    if tables:
+        table.update(fusion.merge_rows(tables, rows=todo, num_classes=num_classes))
+    elif todo:
+        table.update(fallback(todo))
+    rows.update(fused)
+    return value
+
+
+def _test_kill_point(name: str) -> None:
+    """Test hook: SIGKILL this process at point ``name`` when SEGPIPE_TEST_KILL_AT says so
+    (the kill -9 resume test of the search)."""
+    if os.environ.get("SEGPIPE_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                     groups: Mapping[str, list[str]] | None = None,
                     families: Mapping[str, str] | None = None, primary_family: str = "primary",
@@ -460,58 +600,79 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                               primary_family=primary_family, n_strong=n_strong, n_aux=n_aux,
                               source=params_source)
 
-    cached = load_cache(out_dir / CACHE, fp)
-    if cached is not None:
-        counts, table, rows = cached
-        print(f"{out_dir / CACHE}: inputs unchanged, reusing its scores")
-    else:
-        # auto groups need the members ranked first: by the confusion matrices inference
-        # stored in meta.json (checked below), else by a pass of their own
-        ranking = meta_confusions(members, classes.num_classes) \
-            if groups is None and (full_size or stride == 1) else None
-        if groups is None and ranking is None:
-            _, ranked = fusion.score_pass(source, frames, rows={n: fusion.MeanRow((n,))
-                                                                 for n in names},
-                                          desc="rank members", **run)
-            ranking = {n: ranked[n][0] for n in names}
-        chosen = grouping(ranking)
-        rows = {f"member:{n}": fusion.MeanRow((n,)) for n in names}
-        rows.update(uniform_mean=fusion.MeanRow(tuple(names)), S=fusion.FusedRow(0.0, 0.0))
-        counts, table = fusion.score_pass(
-            source, frames, rows=rows, groups=chosen, desc="grid pass", **run,
-            grid=(alphas if chosen["W"] else [0.0], betas if chosen["A"] else [0.0]))
-        for n in names if ranking is not None else []:
-            if not np.array_equal(ranking[n], table[f"member:{n}"][0]):
-                raise PipelineError(f"{by_name[n].root}: the confusion matrix in its meta.json "
-                                    f"(oof_cm_tta) disagrees with its OOF maps; re-run its "
-                                    f"inference")
-        if not counts.gt.sum():
-            raise PipelineError(f"{manifest}: the masks of the {len(frames)} out-of-fold frames "
-                                f"have no labelled pixel")
-        save_cache(out_dir / CACHE, fp=fp, counts=counts, table=table, rows=rows)
-    member_cms = {n: table[f"member:{n}"][0] for n in names}
-    chosen = grouping(member_cms)
-    grid_a, grid_b = [float(a) for a in counts.alphas], [float(b) for b in counts.betas]
-    miou = counts.miou()
-    scores = {(a, b): float(miou[i, j]) for i, a in enumerate(grid_a) for j, b in enumerate(grid_b)}
-    trials = run_study(scores=scores, alphas=grid_a, betas=grid_b, db=out_dir / "study.db",
-                       fingerprint=fp)
-    alpha, beta, best = best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials])
-    alpha_sw = best_point([(a, 0.0, scores[(a, 0.0)]) for a in grid_a])[0]
+    for stale in out_dir.glob(f"{RECORDS}*"):  # label records of a search that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    record_dir = None
+    # with workers, this process only waits during the grid pass: it opens the study then
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    opening: dict[tuple, concurrent.futures.Future] = {}
 
-    # the fused rows' video consistency needs their label maps: one more pass, grouped members
-    fused = {"S_W": fusion.FusedRow(alpha_sw, 0.0), "S_W_A": fusion.FusedRow(alpha, beta)}
-    if any(rows.get(key) != row for key, row in fused.items()):
-        _, extra = fusion.score_pass(source, frames, rows=fused, groups=chosen,
-                                     desc="fused rows", **run)
-        table, rows = {**table, **extra}, {**rows, **fused}
-        save_cache(out_dir / CACHE, fp=fp, counts=counts, table=table, rows=rows)
-    for key in ("S", *fused):  # the grid pass and the plain fusion must agree exactly
-        if mean_iou(table[key][0]) != scores[(rows[key].alpha, rows[key].beta)]:
-            raise RuntimeError(f"internal: the grid's mIoU of row {key} differs from its fusion")
+    def open_meanwhile(grid: tuple[list[float], list[float]]) -> None:
+        if workers > 1:
+            opening[tuple(map(tuple, grid))] = background.submit(
+                open_study, alphas=grid[0], betas=grid[1], db=out_dir / "study.db",
+                fingerprint=fp)
+
+    try:
+        cached = load_cache(out_dir / CACHE, fp)
+        if cached is not None:
+            counts, table, rows, member_cms = cached
+            print(f"{out_dir / CACHE}: inputs unchanged, reusing its scores")
+            cached_rows = dict(rows)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            record_dir = Path(tempfile.mkdtemp(prefix=RECORDS, dir=out_dir))
+            counts, table, rows, member_cms = _grid_pass(
+                source, frames, grouping=grouping, grid=(alphas, betas), run=run,
+                record_dir=record_dir, manifest=manifest, auto_groups=groups is None,
+                member_cms=meta_confusions(members, classes.num_classes)
+                if full_size or stride == 1 else None, starting=open_meanwhile)
+            _test_kill_point("pass")
+        chosen = grouping(member_cms)
+        grid_a, grid_b = [float(a) for a in counts.alphas], [float(b) for b in counts.betas]
+        miou = counts.miou()
+        scores = {(a, b): float(miou[i, j])
+                  for i, a in enumerate(grid_a) for j, b in enumerate(grid_b)}
+        alpha_sw = best_point([(a, 0.0, scores[(a, 0.0)]) for a in grid_a])[0]
+        finish = functools.partial(
+            _fused_rows_and_heatmap, alpha_sw=alpha_sw, rows=rows, table=table,
+            record_dir=record_dir, heatmap=out_dir / HEATMAP, miou=miou, grid=(grid_a, grid_b),
+            num_classes=classes.num_classes, ignore_index=classes.ignore_index,
+            workers=workers, fallback=lambda todo: fusion.score_pass(
+                source, frames, rows=todo, groups=chosen, desc="fused rows", **run)[1])
+
+        def study() -> list:
+            opened = opening.get((tuple(grid_a), tuple(grid_b)))
+            trials = run_study(scores=scores, alphas=grid_a, betas=grid_b,
+                               db=out_dir / "study.db", fingerprint=fp,
+                               opened=opened.result() if opened else None)
+            _test_kill_point("study")
+            return trials
+
+        # the study looks every grid point up, so its best point is known before it runs:
+        # the work that needs it runs on the workers meanwhile
+        alpha, beta, best = best_point([(a, b, s) for (a, b), s in scores.items()])
+        trials = finish((alpha, beta), meanwhile=study)
+        found = best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials])
+        if found != (alpha, beta, best):  # a resumed study that holds other values decides
+            alpha, beta, best = found
+            finish((alpha, beta))
+        for key in ("S", "S_W", "S_W_A"):  # the grid pass and the plain fusion agree exactly
+            if mean_iou(table[key][0]) != scores[(rows[key].alpha, rows[key].beta)]:
+                raise RuntimeError(f"internal: the grid's mIoU of row {key} differs from its "
+                                   f"fusion")
+        single = best_member(member_cms)
+        keep = (f"member:{single}", "uniform_mean", "S", "S_W", "S_W_A")
+        table, rows = {k: table[k] for k in keep}, {k: rows[k] for k in keep}
+        if cached is None or cached_rows != rows:
+            save_cache(out_dir / CACHE, fp=fp, counts=counts, table=table, rows=rows,
+                       member_cms=member_cms)
+    finally:
+        background.shutdown()
+        if record_dir is not None:
+            shutil.rmtree(record_dir, ignore_errors=True)
 
     member_miou = {n: mean_iou(member_cms[n]) for n in names}
-    single = min(names, key=lambda n: (-member_miou[n], n))
     table["best_single"] = table[f"member:{single}"]
     metrics: dict[str, Any] = {"frames": len(frames), "members": len(names), "alpha": alpha,
                                "beta": beta, "alpha_S_W": alpha_sw}
@@ -531,7 +692,7 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                "study": {"storage": f"sqlite:///{(out_dir / 'study.db').as_posix()}",
                          "name": STUDY_NAME, "trials": len(trials)}}
     atomic.write_json(out_dir / MEMBERS, member_table)
-    plot_heatmap(out_dir / HEATMAP, miou, grid_a, grid_b, (alpha, beta))
+    atomic.write_json(out_dir / CONFUSION, {key: np.asarray(table[key][0]).tolist() for key in ROWS})
     atomic.write_json(out_dir / METRICS, metrics)
     atomic.write_json(out_dir / WEIGHTS, weights)
     return {"weights": weights, "metrics": metrics, "members": member_table}

@@ -184,7 +184,9 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
     oof = bool(frames["oof"])
     scored_single = oof and compare_single and not single_view
     miou_tta = mean_iou(cm_tta.matrix) if oof else None
-    miou_single = mean_iou(cm_single.matrix) if scored_single else (miou_tta if oof else None)
+    # one plain view: scored beside TTA (compare_single), or the TTA itself when it is one view
+    single = cm_single if scored_single else cm_tta if single_view else None
+    miou_single = mean_iou(single.matrix) if oof and single is not None else None
     # the confusion matrices travel with the maps, so members can be scored over all their folds
     write_run_meta(out_dir, {"member": member, "model": name, "fold": fold, "seed": seed,
                              "family": run_cfg.get("family", "primary"),
@@ -192,8 +194,8 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
                              "quant": quant, "stride": stride, "checkpoint": str(weights),
                              "tta": asdict(tta), "counts": counts,
                              "oof_cm_tta": cm_tta.matrix.tolist() if oof else None,
-                             "oof_cm_single": (cm_single.matrix if scored_single else cm_tta.matrix
-                                               ).tolist() if oof else None})
+                             "oof_cm_single": single.matrix.tolist()
+                             if oof and single is not None else None})
     metrics = {"member": member, "fold": fold, "weights": weights.name,
                "oof_frames": len(frames["oof"]), "test_frames": len(frames["test"]),
                "reused_maps": kept if resumed else 0, "views": tta.num_views,

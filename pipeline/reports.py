@@ -1,4 +1,4 @@
-"""Reports a person looks at: figures and the end-of-run summary of the whole chain.
+"""Reports a person looks at: the end-of-run summary of the whole chain and its figures.
 
 :func:`build_report` reads what the stages wrote (``runs/``, ``oof_preds/``, ``ensemble/``,
 ``submissions/``, ``data/``) and writes, as one folder replaced at once:
@@ -30,9 +30,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import atomic
-from pipeline.data.manifest import (default_palette, read_classes, read_image, read_manifest, read_mask,
-                                    read_raw_mask)
+from pipeline.data.manifest import read_classes, read_image, read_manifest, read_mask, read_raw_mask
 from pipeline.errors import PipelineError
+from pipeline.figures import (compose_overlay, palette_table, plot_class_iou, plot_confusion,
+                              plot_training_curves)
 from pipeline.inference import member_summary
 from pipeline.metrics import iou_per_class, mean_iou
 from pipeline.probstore import list_members
@@ -165,116 +166,18 @@ def pooled_cm(member, kind: str = "tta") -> np.ndarray | None:
 
 
 def fused_cm(ensemble_dir: Path, metrics: dict | None) -> np.ndarray | None:
-    """Confusion matrix [C, C] of the fused OOF row S_W_A from the search's ``grid_scores.npz``,
-    only when it reproduces ``metrics.json``'s S_W_A_mIoU (a stale cache is ignored)."""
-    path = ensemble_dir / "grid_scores.npz"
+    """Confusion matrix [C, C] of the fused OOF row S_W_A from the search's ``confusion.json``
+    ({row: [[...]]}), only when it reproduces ``metrics.json``'s S_W_A_mIoU (stale: ignored)."""
+    path = ensemble_dir / "confusion.json"
     if metrics is None or metrics.get("S_W_A_mIoU") is None or not path.is_file():
         return None
+    table = read_json(path)
     try:
-        with np.load(path) as data:
-            cm = np.asarray(json.loads(str(data["table"]))["S_W_A"]["cm"], dtype=np.int64)
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        raise PipelineError(f"{path}: unreadable ensemble cache ({type(err).__name__}: {err})") from None
-    return cm if abs(mean_iou(cm) - metrics["S_W_A_mIoU"]) < 1e-9 else None
-
-
-# ----------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def plot_training_curves(path: Path, runs: list[Run]) -> bool:
-    """Loss (left) and validation mIoU % (right) vs iteration: a row per model, a line per run.
-    Returns False (nothing written) when no run has a log.csv or val.csv."""
-    models = sorted({r.model for r in runs if r.log or r.val})
-    if not models:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.2 * len(models)), squeeze=False)
-    for (ax_loss, ax_val), model in zip(axes, models):
-        for run in (r for r in runs if r.model == model):
-            label = f"f{run.fold} s{run.seed}"
-            if run.log and len(run.log["iter"]):
-                ax_loss.plot(run.log["iter"], run.log["loss"], label=label, lw=1)
-            if run.val and len(run.val["iter"]):
-                ax_val.plot(run.val["iter"], 100 * run.val["miou"], marker="o", ms=3, label=label, lw=1)
-        ax_loss.set(title=f"{model}: training loss", xlabel="iteration", ylabel="loss")
-        ax_val.set(title=f"{model}: validation mIoU", xlabel="iteration", ylabel="mIoU %")
-        for ax in (ax_loss, ax_val):
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-    _save(fig, path)
-    return True
-
-
-def plot_class_iou(path: Path, series: dict[str, np.ndarray], class_names: list[str]) -> None:
-    """Grouped bars of per-class IoU % ([C] float, nan = class absent), one colour per series."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(min(24.0, 2 + 0.25 * len(class_names) * (len(series) + 1)), 4.5))
-    width = 0.8 / len(series)
-    x = np.arange(len(class_names))
-    for i, (label, iou) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, 100 * np.nan_to_num(iou), width,
-               label=label)
-    ax.set_xticks(x, class_names, rotation=45, ha="right")
-    ax.set(ylabel="IoU %", title="per-class IoU")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
-
-
-def plot_confusion(path: Path, cm: np.ndarray, class_names: list[str], title: str) -> None:
-    """Row-normalised confusion matrix (rows: ground truth, columns: prediction), in %."""
-    plt = _pyplot()
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = 100 * cm / np.where(rows > 0, rows, 1)
-    size = max(5.0, 0.5 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=100)
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, class_names, fontsize=8)
-    if len(class_names) <= 20:
-        for (i, j), value in np.ndenumerate(norm):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
-                    color="white" if value > 50 else "black")
-    ax.set(xlabel="prediction", ylabel="ground truth", title=title)
-    fig.colorbar(im, ax=ax, label="% of the row", fraction=0.046)
-    _save(fig, path)
-
-
-def palette_table(classes) -> np.ndarray:
-    """[256, 3] uint8 colours of the train ids (void and unused values black)."""
-    colours = classes.palette if len(classes.palette) >= classes.num_classes else default_palette(
-        classes.num_classes)
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[:classes.num_classes] = np.asarray(colours[:classes.num_classes], dtype=np.uint8)
-    return table
-
-
-def compose_overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray,
-                    gt: np.ndarray | None = None, min_height: int = 256) -> np.ndarray:
-    """image (HxWx3 uint8) | gt colours (HxW ids, when given) | prediction colours, separated by
-    4 px of white and enlarged k times (nearest) below ``min_height``: kH x (..) x 3 uint8."""
-    panels = [image] + ([palette[gt]] if gt is not None else []) + [palette[pred]]
-    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
-    canvas = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
-    k = max(1, min_height // image.shape[0])
-    return np.repeat(np.repeat(canvas, k, axis=0), k, axis=1)
+        cm = np.asarray(table["S_W_A"], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as err:
+        raise PipelineError(f"{path}: no usable S_W_A confusion matrix ({type(err).__name__}: "
+                            f"{err})") from None
+    return cm if cm.ndim == 2 and abs(mean_iou(cm) - metrics["S_W_A_mIoU"]) < 1e-9 else None
 
 
 # ----------------------------------------------------------------------------- the report

@@ -191,6 +191,9 @@ TRAIN = {
     "train-unknown-loss": Case("train", _train(models={"tiny": {"loss": [{"name": "focall"}]}}),
                                ("models.tiny.loss[0]", "'focall'")),
     "train-unknown-model-config": Case("train", _train(model="tiny2"), ("params.yaml", "'tiny2'")),
+    "train-crop-not-divisible": Case("train", _train(models={"tiny": {
+        "arch": "FPN", "arch_kwargs": {}, "augment": {"crop": [24, 32]}}}),
+        ("models.tiny.augment.crop", "[24, 32]")),
     "train-params-typo": Case("train", _train(train={"num_worker": 0}),
                               ("params.yaml", "'train.num_worker'")),
     "models-params-typo": Case("train", _train(models={"tiny": {"batch": 4}}),
@@ -446,6 +449,9 @@ ERROR_LINES = {
     "train-unknown-model-config":
         "error: <ws>/params.yaml: unknown model config 'tiny2'; valid: tiny "
         "(configs live under 'models:')",
+    "train-crop-not-divisible":
+        "error: models.tiny.augment.crop: [24, 32] must divide by 32 for this architecture "
+        "(its encoder's output stride); e.g. [32, 32]",
     "train-params-typo":
         "error: <ws>/params.yaml: unknown key 'train.num_worker'; valid keys of 'train': "
         "deterministic, ..., num_workers, ...",

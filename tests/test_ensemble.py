@@ -3,8 +3,14 @@ grouping, the resumable Optuna study, the cache, --apply with the saved weights,
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -36,35 +42,36 @@ MEMBERS = {"strong_s0": "S", "strong_s1": "S", "weak_s0": "W", "weak_s1": "W", "
 FAMILIES = {"strong": "primary", "weak": "primary", "aux": "swin"}
 
 
-def pattern(shift: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def pattern(shift: int = 0, tile: int = 1) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """gt uint8 [H, W] (a void pixel included) and the S, W, A maps float32 [3, H, W]; row r
-    holds type (r + shift) % 4."""
+    holds type (r + shift) % 4; ``tile``: the pattern repeated tile x tile times."""
     kinds = [(r + shift) % 4 for r in range(SHAPE[0])]
     gt = np.array([[TYPES[k][0]] * SHAPE[1] for k in kinds], dtype=np.uint8)
     gt[0, 0] = 255
     maps = {g: np.stack([np.array(TYPES[k][i + 1], np.float32)[:, None].repeat(SHAPE[1], 1)
                          for k in kinds], axis=1)
             for i, g in enumerate(fusion.GROUPS)}
-    return gt, maps
+    return np.tile(gt, (tile, tile)), {g: np.tile(m, (1, tile, tile)) for g, m in maps.items()}
 
 
 def build(root: Path, *, members=MEMBERS, videos: int = 4, frames: int = 10,
-          ensemble_params: dict | None = None, quant: str = "float16") -> dict[str, Path]:
+          ensemble_params: dict | None = None, quant: str = "float16",
+          tile: int = 1) -> dict[str, Path]:
     """data/ (manifest with ``videos`` train videos of ``frames`` frames + one test video),
     oof_preds/ (2 folds: video v is out-of-fold in fold v % 2; test maps in both) and
-    params.yaml. Each member's map is its group's pattern, shifted per video."""
+    params.yaml. Each member's map is its group's pattern, shifted per video (and tiled)."""
     data, oof = root / "data", root / "oof_preds"
     rows = []
     for v in range(videos + 1):
         split = "test" if v == videos else "train"
         for i in range(frames):
             fid = f"v{v}_{i:02d}"
-            gt, _ = pattern(v)
+            gt, _ = pattern(v, tile)
             path = data / "masks" / f"{fid}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(gt, mode="L").save(path)
             rows.append(Frame(id=fid, image=str(data / "img.jpg"), mask=str(path), video=f"v{v}",
-                              frame=i, split=split, height=SHAPE[0], width=SHAPE[1]))
+                              frame=i, split=split, height=gt.shape[0], width=gt.shape[1]))
     write_manifest(data / "manifest.csv", rows)
     write_classes(data / "classes.json", ClassInfo(names=["a", "b", "c"],
                                                    palette=default_palette(3)))
@@ -76,7 +83,8 @@ def build(root: Path, *, members=MEMBERS, videos: int = 4, frames: int = 10,
                 v = int(f.video[1:])
                 split = "test" if f.split == "test" else ("oof" if v % 2 == fold else None)
                 if split:
-                    write_probs(run / split / f"{f.id}.npz", pattern(v)[1][group], quant=quant)
+                    write_probs(run / split / f"{f.id}.npz", pattern(v, tile)[1][group],
+                                quant=quant)
                     counts[split] += 1
             write_run_meta(run, {"member": member, "fold": fold, "seed": 0, "classes": 3,
                                  "quant": quant, "stride": 1, "checkpoint": "x.pt", "tta": {},
@@ -142,6 +150,10 @@ def test_search_finds_planted_weights_on_full_grid(tmp_path):
                  "grid_scores.npz"):
         assert (out / name).is_file(), name
     assert Image.open(out / "heatmap.png").format == "PNG"
+    confusion = json.loads((out / "confusion.json").read_text())
+    assert sorted(confusion) == sorted(ensembling.ROWS)
+    for row in ensembling.ROWS:  # the matrices behind the table's mIoU
+        assert mean_iou(np.asarray(confusion[row])) == metrics[f"{row}_mIoU"]
     study = optuna.load_study(study_name=ensembling.STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 21 * 21 and study.best_value == 1.0
     assert (study.best_params["alpha"], study.best_params["beta"]) == PLANTED
@@ -176,9 +188,9 @@ def test_auto_groups_rank_the_primary_family(tmp_path):
     assert table["aux_s1"]["family"] == "swin"
 
 
-def _store_meta_cms(ws, bump: str | None = None) -> None:
+def _store_meta_cms(ws, bump: str | None = None, swap: str | None = None) -> None:
     """Write "oof_cm_tta" into every run's meta.json as inference does (``bump``: that member's
-    is off by one pixel)."""
+    counts one pixel more; ``swap``: one of its wrong pixels counts as right)."""
     for member in list_members(ws["oof"]):
         for fold in member.folds:
             cm = np.zeros((3, 3), np.int64)
@@ -188,6 +200,10 @@ def _store_meta_cms(ws, bump: str | None = None) -> None:
                     cm += confusion_matrix(gt, member.read_oof(fid).argmax(0).astype(np.uint8),
                                            num_classes=3)
             cm[0, 0] += member.name == bump
+            if member.name == swap and fold == member.folds[0]:
+                row, col = np.unravel_index(np.argmax(cm - np.diag(np.diag(cm))), cm.shape)
+                cm[row, col] -= 1  # a wrong pixel made right: the member only looks better
+                cm[row, row] += 1
             path = member.run_dir(fold) / "meta.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), "oof_cm_tta": cm.tolist()}))
 
@@ -198,16 +214,29 @@ def test_auto_groups_rank_by_meta_confusion_when_inference_stored_it(tmp_path, m
     original = fusion.score_pass
     monkeypatch.setattr(fusion, "score_pass",
                         lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
-    without = ensemble.main(argv(ws))["weights"]
-    assert calls == ["rank members", "grid pass", "fused rows"]
+    without = ensemble.main(argv(ws))
+    assert calls == ["rank members", "grid pass"]  # the fused rows come from its records
     _store_meta_cms(ws)
     calls.clear()
-    with_meta = ensemble.main(argv(ws))["weights"]
-    assert calls == ["grid pass", "fused rows"]  # no ranking pass
-    assert with_meta["groups"] == without["groups"] and with_meta["alpha"] == without["alpha"]
-    _store_meta_cms(ws, bump="weak_s1")
+    with_meta = ensemble.main(argv(ws))
+    assert calls == ["grid pass"]  # no ranking pass
+    assert with_meta["metrics"] == without["metrics"]  # the same table, fewer rows scored
+    assert with_meta["members"] == without["members"]
+    for key in ("groups", "alpha", "beta", "oof_mIoU"):
+        assert with_meta["weights"][key] == without["weights"][key]
+    # explicit groups use the stored matrices too (no member row but the best one's to score)
+    params = yaml.safe_load(ws["params"].read_text())
+    params["ensemble"]["groups"] = without["weights"]["groups"]
+    ws["params"].write_text(yaml.safe_dump(params))
+    calls.clear()
+    assert ensemble.main(argv(ws))["metrics"] == without["metrics"] and calls == ["grid pass"]
+    _store_meta_cms(ws, bump="weak_s1")  # counts other pixels than the maps: every member
     err = _error(capsys, argv(ws))
     assert "weak_s1" in err and "oof_cm_tta" in err
+    best = next(iter(json.loads((ws["out"] / "members.json").read_text())))
+    _store_meta_cms(ws, swap=best)  # the same pixels, other predictions: checked on the best
+    err = _error(capsys, argv(ws))
+    assert best in err and "oof_cm_tta" in err
 
 
 def test_resolve_groups_auto_and_explicit():
@@ -257,6 +286,24 @@ def test_study_resumes_without_duplicates_and_cache_skips_the_pass(searched, mon
     third = ensemble.main(argv(ws))
     assert third["weights"]["fingerprint"] != first["weights"]["fingerprint"]
     assert len(optuna.load_study(study_name=ensembling.STUDY_NAME, storage=storage).trials) == 25
+
+
+def test_a_kept_study_with_other_values_decides_the_weights(searched, monkeypatch):
+    # a study kept from an earlier run (same inputs) whose values differ from the grid's
+    # scores: its best point is the one used, and the table's rows follow it
+    ws, first = searched
+    assert (first["weights"]["alpha"], first["weights"]["beta"]) == PLANTED
+    with sqlite3.connect(ws["out"] / "study.db") as db:
+        trial = db.execute("SELECT t.trial_id FROM trials t JOIN trial_params a ON "
+                           "a.trial_id = t.trial_id AND a.param_name = 'alpha' JOIN trial_params "
+                           "b ON b.trial_id = t.trial_id AND b.param_name = 'beta' WHERE "
+                           "a.param_value = 0.4 AND b.param_value = 0.9").fetchone()[0]
+        db.execute("UPDATE trial_values SET value = 2.0 WHERE trial_id = ?", (trial,))
+    result = ensemble.main(argv(ws))
+    weights, metrics = result["weights"], result["metrics"]
+    assert (weights["alpha"], weights["beta"], weights["oof_mIoU"]) == (0.4, 0.9, 2.0)
+    assert metrics["S_W_A_mIoU"] == _brute_force(ws, 0.4, 0.9) < 1.0
+    assert metrics["S_mIoU"] == first["metrics"]["S_mIoU"]
 
 
 def test_run_study_continues_a_partial_study(tmp_path):
@@ -434,3 +481,100 @@ def test_bulk_trial_insert_stores_what_add_trials_stores(tmp_path, monkeypatch):
     assert len(bulk[0]) == len(SMALL) ** 2
     assert bulk == orm
     assert bulk[1] == {"alpha": SMALL[-1], "beta": 0.0}
+
+
+# ----------------------------------------------------------------------------- reliability
+def _trial_points(db: Path) -> list[tuple[float, float]]:
+    study = optuna.load_study(study_name=ensembling.STUDY_NAME, storage=f"sqlite:///{db}")
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    return [(t.params["alpha"], t.params["beta"]) for t in study.trials]
+
+
+def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_root):
+    ws = build(tmp_path / "ws", ensemble_params=explicit(alpha_grid=SMALL, beta_grid=SMALL))
+    out = ws["out"]
+
+    def search(kill_at: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "SEGPIPE_TEST_KILL_AT"}
+        env.update(OMP_NUM_THREADS="1", **({"SEGPIPE_TEST_KILL_AT": kill_at} if kill_at else {}))
+        return subprocess.run([sys.executable, str(repo_root / "pipeline" / "ensemble.py"),
+                               "--search", "--no-progress"], cwd=tmp_path / "ws", env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    # killed after the grid pass: its label records are left behind, nothing else
+    assert search("pass").returncode == -signal.SIGKILL
+    assert list(out.glob(f"{ensembling.RECORDS}*")) and not (out / "study.db").exists()
+    # killed again once the study is stored, before any output
+    assert search("study").returncode == -signal.SIGKILL
+    assert len(_trial_points(out / "study.db")) == len(SMALL) ** 2
+    assert not any((out / name).exists() for name in ("weights.json", "metrics.json",
+                                                      "members.json", "grid_scores.npz"))
+    done = search()
+    assert done.returncode == 0, done.stderr
+    clean = ensemble.main(argv({**ws, "out": tmp_path / "clean"}))
+    weights = json.loads((out / "weights.json").read_text())
+    assert (weights["alpha"], weights["beta"]) == PLANTED and weights["oof_mIoU"] == 1.0
+    for key in ("alpha", "beta", "oof_mIoU", "groups", "grid", "fingerprint", "members"):
+        assert weights[key] == clean["weights"][key], key
+    assert json.loads((out / "metrics.json").read_text()) == clean["metrics"]
+    points = _trial_points(out / "study.db")
+    assert sorted(points) == sorted((a, b) for a in SMALL for b in SMALL)  # each exactly once
+    assert weights["study"]["trials"] == len(points)
+    assert not list(out.glob(f"{ensembling.RECORDS}*"))  # the records are cleaned up
+
+
+def test_search_memory_does_not_grow_with_the_frames(tmp_path, monkeypatch):
+    # The grid pass and the fused rows' work on each chunk (one video) of its records, the
+    # parts that scale with the frames, are traced: their peak above what was held when each
+    # started, numpy's allocations included. Two process-wide effects that depend on the rest
+    # of the test session are set aside: cyclic garbage (numpy's .npy header parser leaves
+    # some per array read) is collected after each chunk, with the session's objects frozen
+    # out of the collector's way; and pathlib interns each file name it parses, in a table
+    # that is reallocated whole (7.5 MB here) after so many insertions, so the workspace's
+    # file names are interned, and held, beforehand.
+    peaks: list[int] = []
+
+    def traced(fn):
+        def call(*args, **kwargs):
+            tracemalloc.start()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                peaks.append(tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
+        return call
+
+    def collected(fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                gc.collect()
+        return call
+
+    members = {"strong_s0": "S", "weak_s0": "W", "aux_s0": "A"}
+    groups = {g: [m for m, grp in members.items() if grp == g] for g in fusion.GROUPS}
+
+    def peak(videos: int, name: str) -> int:
+        ws = build(tmp_path / name, members=members, videos=videos, tile=8)
+        names = [sys.intern(path.name) for path in (tmp_path / name).rglob("*")]
+        peaks.clear()
+        result = ensembling.search_ensemble(
+            oof_root=ws["oof"], data_dir=ws["data"], out_dir=ws["out"], groups=groups,
+            alphas=SMALL, betas=SMALL, workers=1, chunk_frames=2, progress=False)
+        assert result["metrics"]["frames"] == videos * 10
+        assert len(peaks) == 1 + videos and names  # the grid pass, each chunk's fused rows
+        return max(peaks)
+
+    for name, wrap in (("score_pass", traced), ("_pass_chunk", collected),
+                       ("_rows_chunk", lambda fn: traced(collected(fn)))):
+        monkeypatch.setattr(fusion, name, wrap(getattr(fusion, name)))
+    gc.collect()
+    gc.freeze()
+    try:
+        few, many = peak(3, "few"), peak(30, "many")  # 30 and 300 frames of 64 x 48
+    finally:
+        gc.unfreeze()
+    one_map = 3 * 64 * 48 * 4  # float32 [C, H, W]
+    assert few > 3 * one_map  # the pass holds a frame's maps...
+    assert many < 1.5 * few, (few, many)  # ...but not those of more frames

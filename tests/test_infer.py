@@ -209,3 +209,17 @@ def test_member_summary_pools_the_folds(two_folds):
     member = Member(out / "tiny_s0")
     cm = sum(np.asarray(member.meta[k]["oof_cm_tta"]) for k in (0, 1))
     assert summary["oof_miou_tta"] == pytest.approx(mean_iou(cm))
+
+
+def test_single_view_score_is_absent_unless_measured(demo_workspace, tmp_path):
+    ws = demo_workspace
+    paths = ws.train(fold=0)
+    params = ws.write_params(tmp_path / "params.yaml", infer={
+        "tta": {"scales": [0.75, 1.0], "flip": True}, "compare_single": False, "device": "cpu"})
+    run = [str(paths.root), "--params", str(params), "--data", str(ws.data), "--folds",
+           str(ws.folds), "--no-progress"]
+    tta_only = infer_main(run + ["--out", str(tmp_path / "a")])
+    assert tta_only["oof_miou_single"] is None and tta_only["oof_miou_tta"] is not None
+    assert Member(tmp_path / "a" / "tiny_s0").meta[0]["oof_cm_single"] is None
+    plain = infer_main(run + ["--out", str(tmp_path / "b"), "--no-tta"])  # one view: it is the single
+    assert plain["oof_miou_single"] == plain["oof_miou_tta"] is not None

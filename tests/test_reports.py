@@ -81,8 +81,7 @@ def write_ensemble(root: Path, fused: np.ndarray, *, stale: bool = False) -> dic
     (ens / "metrics.json").write_text(json.dumps(metrics))
     (ens / "members.json").write_text(json.dumps({"unet_s0": {"group": "S"}, "aux_s0": {"group": "A"}}))
     Image.new("RGB", (20, 10), (1, 2, 3)).save(ens / "heatmap.png")
-    table = {"S_W_A": {"row": {"alpha": 0.0, "beta": 0.7}, "cm": fused.tolist(), "vc": {}}}
-    np.savez(ens / "grid_scores.npz", fingerprint="x", table=json.dumps(table))
+    (ens / "confusion.json").write_text(json.dumps({"S_W_A": fused.tolist()}))
     return metrics
 
 
