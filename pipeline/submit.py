@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import DEFAULT_PARAMS, load_section
-from pipeline.data.manifest import (ClassInfo, Frame, default_palette, read_classes, read_image,
-                                    read_manifest, read_raw_mask)
+from pipeline.data.manifest import Frame, read_classes, read_image, read_manifest, read_raw_mask
 from pipeline.errors import PipelineError, run_cli
+from pipeline.figures import palette_table
 from pipeline.formats import (SubmissionFormat, check_zip, expected_entries, frame_size, get_format,
                               png_bytes, write_zip)
 
@@ -117,14 +117,6 @@ def render_preview(image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -
     return np.concatenate([image, gap, overlay], axis=1)
 
 
-def _palette(classes: ClassInfo) -> np.ndarray:
-    colours = classes.palette if len(classes.palette) >= classes.num_classes else default_palette(
-        classes.num_classes)
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[:classes.num_classes] = np.asarray(colours[:classes.num_classes], dtype=np.uint8)
-    return table
-
-
 def _read_prediction(path: Path, frame: Frame) -> np.ndarray:
     labels = read_raw_mask(path)
     height, width = frame_size(frame)
@@ -167,7 +159,7 @@ def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Pa
     if missing:
         raise PipelineError(f"{pred_dir}: {len(missing)} of {len(frames)} test frames have no prediction; "
                             f"first missing: {pred_dir / (missing[0].id + '.png')}")
-    palette = _palette(classes)
+    palette = palette_table(classes)
     shown = [(f, render_preview(read_image(f.image), _read_prediction(pred_dir / f"{f.id}.png", f), palette))
              for f in preview_frames(frames, previews)]
 
