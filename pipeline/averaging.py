@@ -255,6 +255,16 @@ def _miou(model: nn.Module, frames: Sequence[Frame], *, classes: ClassInfo, augm
     return mean_iou(cm)
 
 
+def _recorded_miou(path: Path) -> float | None:
+    """The validation mIoU training stored in ``last.pt`` for its own weights (the same val
+    frames, transform and scale as :func:`_miou`), or None when it holds none for them."""
+    ckpt = load_checkpoint(path)
+    metric = ckpt.get("metric") or {}
+    if metric.get("miou") is None or metric.get("iter") != ckpt.get("iteration"):
+        return None
+    return float(metric["miou"])
+
+
 def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | Path,
                 device: torch.device, last: int | None = None,
                 iters: tuple[int | None, int | None] | None = None,
@@ -313,9 +323,11 @@ def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | 
     last_miou = swa_miou = None
     if fold != ALL_FOLDS:
         kw = dict(classes=data.classes, augment=augment, device=device, amp=amp, progress=progress)
-        last_model, _ = model_from_checkpoint(paths.last)
-        last_miou = _miou(last_model, data.val_frames, desc="validate last.pt", **kw)
-        del last_model
+        last_miou = _recorded_miou(paths.last)
+        if last_miou is None:
+            last_model, _ = model_from_checkpoint(paths.last)
+            last_miou = _miou(last_model, data.val_frames, desc="validate last.pt", **kw)
+            del last_model
         swa_miou = _miou(model, data.val_frames, desc="validate swa", **kw)
     gain = swa_miou - last_miou if swa_miou is not None else None
     swa_info = {"snapshots": info["files"], "iterations": info["iterations"],

@@ -236,7 +236,8 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
     seed_everything(seed, deterministic=deterministic)
     la = cfg.logit_adjust
     logit_adjust = ({"tau": la.tau, "scale": la.scale, "prior": data.prior_counts.tolist(),
-                     "keep_prior_at_eval": la.keep_prior_at_eval} if la.enabled else None)
+                     "keep_prior_at_eval": la.keep_prior_at_eval, "head": la.head}
+                    if la.enabled else None)
     try:
         model = build_model(arch=m.arch, encoder=m.encoder, num_classes=classes.num_classes,
                             weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)

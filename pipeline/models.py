@@ -10,8 +10,11 @@ Weights: ``None`` builds a random init and downloads nothing; ``PATH`` loads a l
 smp/timm to download the encoder weights, which needs a network.
 
 Logit adjustment (Menon et al., 2021) trains ``f(x) + tau * log(prior)`` so the learned
-``f`` is balanced; the final 1x1 conv becomes a cosine classifier ``s * cos(w_y, feature)``
-whose fixed prior bias is added in train mode only (unless ``keep_prior_at_eval``).
+``f`` is balanced: the fixed prior bias is added in train mode only (unless
+``keep_prior_at_eval``). ``head: cosine`` (default) also turns the final 1x1 conv into a cosine
+classifier ``s * cos(w_y, feature)``; ``head: linear`` keeps smp's conv and only adds the bias,
+which trains faster when the decoder's last features are few (the cosine of a handful of
+non-negative ReLU features separates classes poorly).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pipeline.errors import PipelineError, unknown_name
 
 log = logging.getLogger(__name__)
 
-LOGIT_ADJUST_DEFAULTS = {"tau": 0.03, "scale": 16.0, "prior": None, "keep_prior_at_eval": False}
+LOGIT_ADJUST_DEFAULTS = {"tau": 0.03, "scale": 16.0, "prior": None, "keep_prior_at_eval": False,
+                         "head": "cosine"}
+LOGIT_ADJUST_HEADS = ("cosine", "linear")
 PRIOR_FLOOR = 1e-12  # a class absent from the prior gets log(1e-12), not -inf (as losses.py)
 HUB_PREFIX = "hub"
 _WEIGHT_PREFIXES = ("", "encoder.", "encoder.model.")  # whole model, encoder, raw timm model
@@ -113,6 +118,8 @@ def _normalize_logit_adjust(spec: Mapping[str, Any] | None, num_classes: int) ->
     if out["scale"] <= 0:
         raise PipelineError(f"'logit_adjust.scale' must be > 0, got {out['scale']}")
     out["keep_prior_at_eval"] = bool(out["keep_prior_at_eval"])
+    if out["head"] not in LOGIT_ADJUST_HEADS:
+        raise unknown_name("logit_adjust.head", str(out["head"]), list(LOGIT_ADJUST_HEADS))
     return out
 
 
@@ -178,7 +185,31 @@ class CosineClassifier(nn.Module):
                 f"keep_prior_at_eval={self.keep_prior_at_eval}")
 
 
-def _install_cosine_head(model: nn.Module, num_classes: int, spec: dict) -> None:
+class PriorAdjustedConv(nn.Conv2d):
+    """smp's 1x1 classifier conv plus the fixed prior bias ``tau * log(prior)``, added in train
+    mode (and in eval mode only when ``keep_prior_at_eval``). Its state dict is a plain conv's."""
+
+    def __init__(self, conv: nn.Conv2d, *, tau: float, prior: Sequence[float],
+                 keep_prior_at_eval: bool = False):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, bias=conv.bias is not None)
+        self.load_state_dict(conv.state_dict())
+        self.tau, self.keep_prior_at_eval = float(tau), keep_prior_at_eval
+        prior_t = torch.as_tensor(prior, dtype=torch.float32)
+        log_prior = torch.log((prior_t / prior_t.sum()).clamp_min(PRIOR_FLOOR))
+        self.register_buffer("prior_bias", self.tau * log_prior, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if self.training or self.keep_prior_at_eval:
+            logits = logits + self.prior_bias.view(1, -1, 1, 1).to(logits.dtype)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau}, keep_prior_at_eval={self.keep_prior_at_eval}"
+
+
+def _install_la_head(model: nn.Module, num_classes: int, spec: dict) -> None:
     head = getattr(model, "segmentation_head", None)
     convs = [(name, m) for name, m in (head.named_modules() if head is not None else [])
              if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
@@ -187,9 +218,13 @@ def _install_cosine_head(model: nn.Module, num_classes: int, spec: dict) -> None
                             f"of {type(model).__name__}")
     name, conv = convs[-1]  # the classifier is the head's last conv
     parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
-    setattr(parent, name.rpartition(".")[2], CosineClassifier(
-        conv.in_channels, num_classes, scale=spec["scale"], tau=spec["tau"], prior=spec["prior"],
-        keep_prior_at_eval=spec["keep_prior_at_eval"]))
+    if spec["head"] == "linear":
+        new = PriorAdjustedConv(conv, tau=spec["tau"], prior=spec["prior"],
+                                keep_prior_at_eval=spec["keep_prior_at_eval"])
+    else:
+        new = CosineClassifier(conv.in_channels, num_classes, scale=spec["scale"], tau=spec["tau"],
+                               prior=spec["prior"], keep_prior_at_eval=spec["keep_prior_at_eval"])
+    setattr(parent, name.rpartition(".")[2], new)
 
 
 def _hub_weights(weights: str, encoder: str) -> Any:
@@ -236,7 +271,7 @@ def build_model(*, arch: str, encoder: str, num_classes: int, weights: str | Non
                                 f"({msg})") from None
         raise
     if cfg["logit_adjust"]:
-        _install_cosine_head(model, num_classes, cfg["logit_adjust"])
+        _install_la_head(model, num_classes, cfg["logit_adjust"])
     if cfg["weights"] is not None and not hub:
         load_weights(model, cfg["weights"])
     model.model_config = cfg

@@ -7,9 +7,10 @@ command runs, so independent members can run as separate ``dvc --wait-for-lock r
 processes. This script does that in three phases, then hands over to a plain ``dvc repro``:
 
 1. ``dvc repro folds`` (prepare and folds, once);
-2. every model x fold x seed member, ``--jobs`` at a time: ``train@<model>-<fold>-<seed>``,
-   then its ``swa@`` and ``infer@``, each as a single stage (``repro -s``: a lane must not
-   touch the shared upstream stages that another lane's running stage reads);
+2. every model x fold x seed member, ``--jobs`` at a time: one
+   ``dvc --wait-for-lock repro -s train@<model>-<fold>-<seed> swa@... infer@...`` per member,
+   single stages in that order (``-s``: a lane must not touch the shared upstream stages that
+   another lane's running stage reads);
 3. every student (``students@``, ``swa_students@``, ``infer_students@``), likewise: their
    teachers are done by then;
 4. ``dvc repro``: the ensemble, the submission and whatever is left.
@@ -38,7 +39,8 @@ from pipeline.runs import load_train_params
 
 
 def member_targets(*, models: Sequence[str], students: Sequence[dict], folds: Sequence[int],
-                   seeds: Sequence[int]) -> tuple[list[list[str]], list[list[str]]]:
+                   seeds: Sequence[int], student_seeds: Sequence[int]
+                   ) -> tuple[list[list[str]], list[list[str]]]:
     """The DVC stages of each member's chain, in order: (teacher chains, student chains),
     named the way ``dvc.yaml``'s matrices name them (``train@<model>-<fold>-<seed>``;
     students by their list position, ``students@student<i>-<fold>-<seed>``)."""
@@ -46,7 +48,7 @@ def member_targets(*, models: Sequence[str], students: Sequence[dict], folds: Se
                 for m in models for f in folds for s in seeds]
     pupils = [[f"{stage}@student{i}-{f}-{s}"
                for stage in ("students", "swa_students", "infer_students")]
-              for i in range(len(students)) for f in folds for s in seeds]
+              for i in range(len(students)) for f in folds for s in student_seeds]
     return teachers, pupils
 
 
@@ -87,19 +89,17 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
         env = lane_env(lane, jobs=jobs, gpus=gpus, cores=cores)
         start, code = time.monotonic(), 0
         try:
+            # One dvc process per chain: ``repro -s`` runs its targets in the order given and
+            # stops at the first failure; DVC re-takes the lock (waiting) between stages.
+            cmd = _dvc("--wait-for-lock", "repro", "-s", *chain)
             if dry_run:
                 with lock:
-                    for stage in chain:
-                        print(f"  lane {lane}: dvc --wait-for-lock repro -s {stage}", flush=True)
+                    print(f"  lane {lane}: {shlex.join(cmd[2:])}", flush=True)
                 return chain[-1], 0, 0.0
             with open(log_path(logs, chain[-1]), "w") as log:
-                for stage in chain:
-                    cmd = _dvc("--wait-for-lock", "repro", "-s", stage)
-                    log.write(f"$ {shlex.join(cmd[2:])}\n")
-                    log.flush()
-                    code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-                    if code:
-                        break
+                log.write(f"$ {shlex.join(cmd[2:])}\n")
+                log.flush()
+                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             return chain[-1], code, time.monotonic() - start
         finally:
             with lock:
@@ -117,9 +117,10 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
             for future in finished:
                 target, code, seconds = future.result()
                 done += 1
-                print(f"[{done}/{len(chains)}] {target}: "
-                      f"{'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
-                      flush=True)
+                with lock:  # not in the middle of a dry run's line
+                    print(f"[{done}/{len(chains)}] {target}: "
+                          f"{'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
+                          flush=True)
                 if code:
                     failed.append(target)
     if failed:
@@ -143,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     gpus = [g for g in args.gpus.split(",") if g.strip()]
     train = load_train_params(args.params)
     teachers, pupils = member_targets(models=train.models, students=train.students,
-                                      folds=train.folds, seeds=train.seeds)
+                                      folds=train.folds, seeds=train.seeds,
+                                      student_seeds=train.student_seeds)
     steps = [("prepare and folds", [_dvc("repro", "folds")]), ("members", teachers),
              ("students", pupils), ("the rest", [_dvc("repro")])]
     for title, work in steps:

@@ -59,8 +59,9 @@ class SwaParams:
 class LogitAdjustParams:
     enabled: bool = False
     tau: float = 0.03
-    scale: float = 16.0
+    scale: float = 16.0      # cosine head only
     keep_prior_at_eval: bool = False
+    head: str = "cosine"     # cosine | linear (smp's conv plus the prior bias)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TrainParams:
     students: list = field(default_factory=list)  # distilled configs (after their teachers)
     folds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     seeds: list = field(default_factory=lambda: [0])
+    student_seeds: list = field(default_factory=lambda: [0])  # students' seeds (within seeds)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     num_workers: int = 2
     deterministic: bool = True
@@ -187,6 +189,9 @@ def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
         if name not in models:
             raise PipelineError(f"{params_path}: train.models: "
                                 f"{unknown_name('model config', str(name), list(models))}")
+    if train.students and not train.student_seeds:
+        raise PipelineError(f"{params_path}: train.student_seeds is empty; list the seeds the "
+                            f"students train with (e.g. [{train.seeds[0] if train.seeds else 0}])")
     for i, student in enumerate(train.students):
         if not (isinstance(student, dict) and set(student) == {"name", "teacher"}):
             raise PipelineError(f"{params_path}: train.students[{i}] must be "
@@ -195,7 +200,14 @@ def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
             if student[key] not in models:
                 raise PipelineError(f"{params_path}: train.students[{i}].{key}: "
                                     f"{unknown_name('model config', str(student[key]), list(models))}")
-        teacher = ((models[student["name"]] or {}).get("distill") or {}).get("teacher")
+        distill = (models[student["name"]] or {}).get("distill") or {}
+        teacher = distill.get("teacher")
+        extra = [s for s in train.student_seeds if s not in train.seeds]
+        if extra and distill.get("teacher_seed", -1) < 0:
+            raise PipelineError(f"{params_path}: train.student_seeds {extra} not in train.seeds "
+                                f"{train.seeds}: student '{student['name']}' learns from its "
+                                f"teacher's run of the same seed (or set its "
+                                f"distill.teacher_seed)")
         if teacher != student["teacher"]:
             raise PipelineError(f"{params_path}: train.students[{i}]: teacher '{student['teacher']}' "
                                 f"differs from models.{student['name']}.distill.teacher ({teacher!r})")

@@ -3,7 +3,8 @@
 Averages ``RUN_DIR/train/snapshots/swa_<iter>.pt`` (all, the last N, or those whose iteration
 lies in LO..HI inclusive), re-estimates BatchNorm statistics with one pass over the run's
 training frames (its own train transform, seed and batch size, read from the snapshot), and
-validates ``train/last.pt`` and the averaged weights on the run's validation fold. Writes
+validates the averaged weights on the run's validation fold beside ``train/last.pt`` (whose score
+training stored in it; validated again only when it holds none). Writes
 ``RUN_DIR/swa.pt`` and ``RUN_DIR/swa_metrics.json``. Everything about the run comes from the
 checkpoints themselves, so the stage has no params.yaml section.
 """

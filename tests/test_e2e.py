@@ -34,7 +34,7 @@ def tiny_params(params: dict) -> dict:
     p["prepare"]["demo"].update(videos=6, test_videos=2, min_frames=5, max_frames=6,
                                 height=32, width=48)
     p["folds"]["n_folds"] = 2
-    p["train"].update(folds=[0, 1], seeds=[0], num_workers=0)
+    p["train"].update(folds=[0, 1], seeds=[0], student_seeds=[0], num_workers=0)
     for name, cfg in p["models"].items():
         cfg.update(TINY_ENCODER, batch_size=4, iters=4, val_interval=4)
         cfg["augment"] = {**cfg.get("augment", {}), "crop": [32, 32]}
@@ -115,7 +115,8 @@ def test_chain_yields_a_valid_submission_and_metrics(chain):
     assert 0.0 <= score["mIoU"] <= 1.0
     metrics = json.loads((chain / "ensemble" / "metrics.json").read_text())
     train = params["train"]
-    members = (len(train["models"]) + len(train["students"])) * len(train["seeds"])
+    members = (len(train["models"]) * len(train["seeds"])
+               + len(train["students"]) * len(train["student_seeds"]))
     assert metrics["members"] == members
     weights = json.loads((chain / "ensemble" / "weights.json").read_text())
     assert weights["groups"]["S"] and weights["groups"]["A"]  # the demo has S and A members

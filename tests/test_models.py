@@ -10,8 +10,8 @@ import segmentation_models_pytorch as smp
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import (CosineClassifier, build_model, list_archs, list_encoders,
-                             load_weights, model_config, to_channels_last)
+from pipeline.models import (CosineClassifier, PriorAdjustedConv, build_model, list_archs,
+                             list_encoders, load_weights, model_config, to_channels_last)
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 PRIOR = [100.0, 10.0, 1.0]
@@ -114,6 +114,40 @@ def test_whole_model_train_minus_eval_is_the_prior_bias():
     pi = torch.tensor(PRIOR) / sum(PRIOR)
     assert torch.allclose(train - evald, (tau * pi.log()).view(1, 3, 1, 1).expand_as(evald), atol=1e-4)
     assert "segmentation_head.0.prior_bias" not in model.state_dict()  # rebuilt from config
+
+
+def test_linear_head_is_smps_conv_plus_the_prior_bias_in_train_mode():
+    tau = 0.3
+    plain = _unet()
+    torch.manual_seed(0)
+    model = _unet(logit_adjust={"tau": tau, "prior": PRIOR, "head": "linear"})
+    head = model.segmentation_head[0]
+    assert isinstance(head, PriorAdjustedConv) and isinstance(head, torch.nn.Conv2d)
+    # the state dict is a plain smp model's: same keys and shapes, so weights move both ways
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(_out(model), _out(plain))  # eval: no bias
+    with torch.no_grad():
+        model.eval().segmentation_head.train()
+        train = model(X)
+    pi = torch.tensor(PRIOR) / sum(PRIOR)
+    assert torch.allclose(train - _out(plain), (tau * pi.log()).view(1, 3, 1, 1).expand_as(train),
+                          atol=1e-4)
+    kept = _unet(logit_adjust={"tau": tau, "prior": PRIOR, "head": "linear",
+                               "keep_prior_at_eval": True})
+    kept.load_state_dict(model.state_dict())
+    assert torch.allclose(_out(kept), train, atol=1e-5)
+    rebuilt = build_model(**model.model_config)  # the config alone names the head
+    rebuilt.load_state_dict(model.state_dict())
+    assert isinstance(rebuilt.segmentation_head[0], PriorAdjustedConv)
+    assert torch.equal(_out(rebuilt), _out(model))
+
+
+def test_logit_adjust_head_defaults_to_cosine_and_typos_list_the_heads():
+    assert _unet(logit_adjust={"prior": PRIOR}).model_config["logit_adjust"]["head"] == "cosine"
+    with pytest.raises(PipelineError, match="linaer.*cosine.*linear"):
+        _unet(logit_adjust={"prior": PRIOR, "head": "linaer"})
 
 
 def test_logit_adjust_spec_is_checked():

@@ -253,6 +253,21 @@ def test_cli_end_to_end_on_a_trained_run(demo_workspace, trained_run, tmp_path, 
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
 
+def test_last_score_is_revalidated_when_the_checkpoint_holds_none(demo_workspace, trained_run,
+                                                                   tmp_path, capsys):
+    """SWA reuses the score training stored in last.pt; without one it validates last.pt
+    itself and gets the same number (same frames, transform and scale)."""
+    ws, run = demo_workspace, _copy_run(trained_run, tmp_path)
+    ckpt = torch.load(run.last, map_location="cpu", weights_only=False)
+    ckpt["metric"] = None
+    torch.save(ckpt, run.last)
+    code, out, err = cli(_args(ws, run), capsys)
+    assert code == 0, err
+    metrics = json.loads((run.root / "swa_metrics.json").read_text())
+    trained = json.loads(run.metrics.read_text())
+    assert metrics["last_miou"] == pytest.approx(trained["last_miou"], abs=1e-9)
+
+
 def test_cli_selection_and_bn_batches(demo_workspace, trained_run, tmp_path, capsys):
     ws, run = demo_workspace, _copy_run(trained_run, tmp_path)
     assert cli(_args(ws, run, "--last", 1, "--bn-batches", 2), capsys)[0] == 0
