@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError, unknown_name
+from pipeline.losses import logit_adjustment_bias
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,8 @@ class CosineClassifier(nn.Module):
         # Same shape as the 1x1 conv it replaces, so state dicts stay conv-shaped.
         self.weight = nn.Parameter(torch.empty(num_classes, in_channels, 1, 1))
         nn.init.normal_(self.weight, std=0.01)
-        prior_t = torch.as_tensor(prior, dtype=torch.float32)
-        log_prior = torch.log((prior_t / prior_t.sum()).clamp_min(PRIOR_FLOOR))
-        self.register_buffer("prior_bias", self.tau * log_prior, persistent=False)
+        bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
+        self.register_buffer("prior_bias", bias, persistent=False)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled cosine logits without the prior bias, in ``[-scale, scale]``."""
@@ -195,9 +195,8 @@ class PriorAdjustedConv(nn.Conv2d):
                          padding=conv.padding, bias=conv.bias is not None)
         self.load_state_dict(conv.state_dict())
         self.tau, self.keep_prior_at_eval = float(tau), keep_prior_at_eval
-        prior_t = torch.as_tensor(prior, dtype=torch.float32)
-        log_prior = torch.log((prior_t / prior_t.sum()).clamp_min(PRIOR_FLOOR))
-        self.register_buffer("prior_bias", self.tau * log_prior, persistent=False)
+        bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
+        self.register_buffer("prior_bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = super().forward(x)
