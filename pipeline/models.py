@@ -11,10 +11,11 @@ smp/timm to download the encoder weights, which needs a network.
 
 Logit adjustment (Menon et al., 2021) trains ``f(x) + tau * log(prior)`` so the learned
 ``f`` is balanced: the fixed prior bias is added in train mode only (unless
-``keep_prior_at_eval``). ``head: cosine`` (default) also turns the final 1x1 conv into a cosine
-classifier ``s * cos(w_y, feature)``; ``head: linear`` keeps smp's conv and only adds the bias,
-which trains faster when the decoder's last features are few (the cosine of a handful of
-non-negative ReLU features separates classes poorly).
+``keep_prior_at_eval``). ``head: cosine`` (default) also replaces the head's final conv (3x3 in
+smp's SegmentationHead) with a 1x1 cosine classifier ``s * cos(w_y, feature)``; ``head: linear``
+keeps smp's conv and only adds the bias, which trains much faster when the decoder's last
+features are few (the cosine of a handful of non-negative ReLU features separates classes
+poorly, and the 1x1 classifier loses the 3x3 conv's spatial context).
 """
 
 from __future__ import annotations
@@ -149,24 +150,40 @@ def model_config(*, arch: str, encoder: str, num_classes: int, weights: str | No
             "logit_adjust": _normalize_logit_adjust(logit_adjust, num_classes), **arch_kwargs}
 
 
-class CosineClassifier(nn.Module):
-    """1x1 cosine classifier: ``logits = s * <w_y, f> / (|w_y| |f|)`` plus a fixed prior bias.
+class _PriorBias:
+    """The fixed logit-adjustment bias ``tau * log(prior)``: a non-persistent buffer (rebuilt
+    from the config, never learned) that :meth:`_add_prior` adds in train mode, and in eval
+    mode only when ``keep_prior_at_eval``. Mixed into an ``nn.Module``."""
 
-    Input ``[N, C_in, H, W]`` features, output ``[N, num_classes, H, W]`` logits. The bias
-    ``tau * log(prior)`` is a non-persistent buffer (rebuilt from the config, never learned),
-    added in train mode, and in eval mode only when ``keep_prior_at_eval``.
+    def _init_prior(self, prior: Sequence[float], *, tau: float, keep_prior_at_eval: bool) -> None:
+        self.tau, self.keep_prior_at_eval = float(tau), bool(keep_prior_at_eval)
+        bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
+        self.register_buffer("prior_bias", bias, persistent=False)
+
+    def _add_prior(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.training or self.keep_prior_at_eval:
+            logits = logits + self.prior_bias.view(1, -1, 1, 1).to(logits.dtype)
+        return logits
+
+    def _prior_repr(self) -> str:
+        return f"tau={self.tau}, keep_prior_at_eval={self.keep_prior_at_eval}"
+
+
+class CosineClassifier(_PriorBias, nn.Module):
+    """1x1 cosine classifier: ``logits = s * <w_y, f> / (|w_y| |f|)`` plus the fixed prior bias.
+
+    Input ``[N, C_in, H, W]`` features, output ``[N, num_classes, H, W]`` logits.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, scale: float, tau: float,
                  prior: Sequence[float], keep_prior_at_eval: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, num_classes, (1, 1)
-        self.scale, self.tau, self.keep_prior_at_eval = float(scale), float(tau), keep_prior_at_eval
-        # Same shape as the 1x1 conv it replaces, so state dicts stay conv-shaped.
+        self.scale = float(scale)
+        # A conv-shaped [C, C_in, 1, 1] weight, so the state dict reads like a 1x1 conv's.
         self.weight = nn.Parameter(torch.empty(num_classes, in_channels, 1, 1))
         nn.init.normal_(self.weight, std=0.01)
-        bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
-        self.register_buffer("prior_bias", bias, persistent=False)
+        self._init_prior(prior, tau=tau, keep_prior_at_eval=keep_prior_at_eval)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled cosine logits without the prior bias, in ``[-scale, scale]``."""
@@ -175,37 +192,28 @@ class CosineClassifier(nn.Module):
         return self.scale * F.conv2d(feats, w.to(feats.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.cosine(x)
-        if self.training or self.keep_prior_at_eval:
-            logits = logits + self.prior_bias.view(1, -1, 1, 1).to(logits.dtype)
-        return logits
+        return self._add_prior(self.cosine(x))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, scale={self.scale}, tau={self.tau}, "
-                f"keep_prior_at_eval={self.keep_prior_at_eval}")
+        return f"{self.in_channels}, {self.out_channels}, scale={self.scale}, {self._prior_repr()}"
 
 
-class PriorAdjustedConv(nn.Conv2d):
-    """smp's 1x1 classifier conv plus the fixed prior bias ``tau * log(prior)``, added in train
-    mode (and in eval mode only when ``keep_prior_at_eval``). Its state dict is a plain conv's."""
+class PriorAdjustedConv(_PriorBias, nn.Conv2d):
+    """smp's classifier conv (any kernel) plus the fixed prior bias; its state dict is the
+    plain conv's, so weights move between this model and a plain smp one."""
 
     def __init__(self, conv: nn.Conv2d, *, tau: float, prior: Sequence[float],
                  keep_prior_at_eval: bool = False):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                          padding=conv.padding, bias=conv.bias is not None)
         self.load_state_dict(conv.state_dict())
-        self.tau, self.keep_prior_at_eval = float(tau), keep_prior_at_eval
-        bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
-        self.register_buffer("prior_bias", bias, persistent=False)
+        self._init_prior(prior, tau=tau, keep_prior_at_eval=keep_prior_at_eval)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
-        if self.training or self.keep_prior_at_eval:
-            logits = logits + self.prior_bias.view(1, -1, 1, 1).to(logits.dtype)
-        return logits
+        return self._add_prior(super().forward(x))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau={self.tau}, keep_prior_at_eval={self.keep_prior_at_eval}"
+        return f"{super().extra_repr()}, {self._prior_repr()}"
 
 
 def _install_la_head(model: nn.Module, num_classes: int, spec: dict) -> None:
