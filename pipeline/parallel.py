@@ -43,7 +43,8 @@ def member_targets(*, models: Sequence[str], students: Sequence[dict], folds: Se
                    ) -> tuple[list[list[str]], list[list[str]]]:
     """The DVC stages of each member's chain, in order: (teacher chains, student chains),
     named the way ``dvc.yaml``'s matrices name them (``train@<model>-<fold>-<seed>``;
-    students by their list position, ``students@student<i>-<fold>-<seed>``)."""
+    students by their list position, ``students@student<i>-<fold>-<seed>``, over
+    ``student_seeds``)."""
     teachers = [[f"{stage}@{m}-{f}-{s}" for stage in ("train", "swa", "infer")]
                 for m in models for f in folds for s in seeds]
     pupils = [[f"{stage}@student{i}-{f}-{s}"

@@ -192,6 +192,7 @@ def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
     if train.students and not train.student_seeds:
         raise PipelineError(f"{params_path}: train.student_seeds is empty; list the seeds the "
                             f"students train with (e.g. [{train.seeds[0] if train.seeds else 0}])")
+    extra = [s for s in train.student_seeds if s not in train.seeds]  # no teacher run of theirs
     for i, student in enumerate(train.students):
         if not (isinstance(student, dict) and set(student) == {"name", "teacher"}):
             raise PipelineError(f"{params_path}: train.students[{i}] must be "
@@ -202,7 +203,6 @@ def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
                                     f"{unknown_name('model config', str(student[key]), list(models))}")
         distill = (models[student["name"]] or {}).get("distill") or {}
         teacher = distill.get("teacher")
-        extra = [s for s in train.student_seeds if s not in train.seeds]
         if extra and distill.get("teacher_seed", -1) < 0:
             raise PipelineError(f"{params_path}: train.student_seeds {extra} not in train.seeds "
                                 f"{train.seeds}: student '{student['name']}' learns from its "
