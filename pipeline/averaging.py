@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -244,25 +245,27 @@ def train_image_batches(frames: Sequence[Frame], *, classes: ClassInfo, augment:
 
 
 # ----------------------------------------------------------------------------- the stage
-def _miou(model: nn.Module, frames: Sequence[Frame], *, classes: ClassInfo, augment: Mapping,
-          device: torch.device, amp: bool, progress: bool, desc: str) -> float:
+def _confusion(model: nn.Module, frames: Sequence[Frame], *, classes: ClassInfo, augment: Mapping,
+               device: torch.device, amp: bool, progress: bool, desc: str) -> np.ndarray:
+    """int64 [C, C] confusion matrix of ``model`` on ``frames`` (one view, validation scale)."""
     dataset = SegmentationDataset(frames, classes=classes,
                                   transform=transform_from_params(augment, train=False))
     batches = tqdm(build_eval_loader(dataset), desc=desc, unit="frame",
                    disable=not progress or None, mininterval=1.0)
     cm = validate(model.to(device), batches, num_classes=classes.num_classes, device=device,
                   amp=amp, ignore_index=classes.ignore_index, scale=val_scale(augment))
-    return mean_iou(cm)
+    return np.asarray(cm, dtype=np.int64)
 
 
-def _recorded_miou(path: Path) -> float | None:
-    """The validation mIoU training stored in ``last.pt`` for its own weights (the same val
-    frames, transform and scale as :func:`_miou`), or None when it holds none for them."""
+def _recorded_confusion(path: Path, num_classes: int) -> np.ndarray | None:
+    """The validation confusion matrix training stored in ``last.pt`` for its own weights (the
+    same val frames, transform and scale as :func:`_confusion`), or None when it holds none."""
     ckpt = load_checkpoint(path)
     metric = ckpt.get("metric") or {}
-    if metric.get("miou") is None or metric.get("iter") != ckpt.get("iteration"):
+    if metric.get("cm") is None or metric.get("iter") != ckpt.get("iteration"):
         return None
-    return float(metric["miou"])
+    cm = np.asarray(metric["cm"], dtype=np.int64)
+    return cm if cm.shape == (num_classes, num_classes) else None
 
 
 def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | Path,
@@ -320,15 +323,16 @@ def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | 
             torch.manual_seed(seed)
             bn_updated = update_batchnorm(model, images, device=device, amp=amp)
 
-    last_miou = swa_miou = None
+    last_miou = swa_miou = last_cm = swa_cm = None
     if fold != ALL_FOLDS:
         kw = dict(classes=data.classes, augment=augment, device=device, amp=amp, progress=progress)
-        last_miou = _recorded_miou(paths.last)
-        if last_miou is None:
+        last_cm = _recorded_confusion(paths.last, data.classes.num_classes)
+        if last_cm is None:
             last_model, _ = model_from_checkpoint(paths.last)
-            last_miou = _miou(last_model, data.val_frames, desc="validate last.pt", **kw)
+            last_cm = _confusion(last_model, data.val_frames, desc="validate last.pt", **kw)
             del last_model
-        swa_miou = _miou(model, data.val_frames, desc="validate swa", **kw)
+        swa_cm = _confusion(model, data.val_frames, desc="validate swa", **kw)
+        last_miou, swa_miou = mean_iou(last_cm), mean_iou(swa_cm)
     gain = swa_miou - last_miou if swa_miou is not None else None
     swa_info = {"snapshots": info["files"], "iterations": info["iterations"],
                 "bn_updated": bn_updated}
@@ -336,7 +340,10 @@ def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | 
                     fold=fold, seed=seed, iteration=info["iterations"][-1],
                     metric={"miou": swa_miou} if swa_miou is not None else None,
                     rng_state=False, extra={"swa": swa_info})
+    # the matrices let the report pool SWA vs last over a member's folds (the ledger)
     metrics = {"last_miou": last_miou, "swa_miou": swa_miou, "gain": gain,
-               "snapshots": len(chosen), "bn_updated": bn_updated}
+               "snapshots": len(chosen), "bn_updated": bn_updated,
+               "last_cm": None if last_cm is None else last_cm.tolist(),
+               "swa_cm": None if swa_cm is None else swa_cm.tolist()}
     write_json(paths.root / "swa_metrics.json", metrics)
     return metrics

@@ -5,13 +5,17 @@ prefixes), the resolved run config whose ``model`` entry rebuilds the network
 (``build_model(**config["model"])``), the class table, fold, seed, iteration, metric,
 optimizer / scheduler / AMP-scaler state and the RNG states. Everything in it is plain data
 or tensors, so it loads with ``torch.load(weights_only=True)`` and without our code paths.
+
+The same payload always gives the same bytes (no save time; the archive's inner folder name is
+fixed rather than taken from the temporary file's random name), so a stage that re-averages
+the same snapshots leaves its output, and DVC's hash of it, unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -103,12 +107,29 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: Mapping[str, 
         "extra": _plain(dict(extra), "extra") if extra is not None else None,
         "versions": {"pipeline": str(pipeline.__version__), "torch": str(torch.__version__),
                      "smp": str(smp.__version__), "timm": str(timm.__version__)},
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # An open file object, not the path: torch names the archive's inner folder after a path
+    # (here the random temporary name) but uses a fixed one for file objects.
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(payload, fh)
     return path
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha1 (hex) of a state dict's names, dtypes, shapes and values: equal for equal weights,
+    whatever else the file holds (optimizer, RNG, metric)."""
+    digest = hashlib.sha1()
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            digest.update(f"{key}={value!r};".encode())
+            continue
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{list(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def _check_format(ckpt: Any, source: str) -> dict:

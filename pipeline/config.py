@@ -8,6 +8,7 @@ params.yaml never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -28,8 +29,11 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "invalid YAML"
-        raise PipelineError(f"{path}: not valid YAML ({first})") from None
+        # A MarkedYAMLError carries where it failed (0-based) and what; keep both on one line.
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        what = problem or (str(err).splitlines()[0] if str(err) else "invalid YAML")
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise PipelineError(f"{path}: not valid YAML ({where}{what})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a mapping of sections at the top level")
     return data
@@ -59,9 +63,24 @@ def _check_type(key: str, value: Any, default: Any, source: str) -> Any:
     return value
 
 
+def _check_finite(key: str, value: Any, source: str) -> None:
+    """Refuse NaN and infinities anywhere in ``value`` (nested mappings and lists too), naming
+    the key path (``models.tiny.optimizer.lr``, ``models.tiny.loss[0].weight``): YAML's
+    ``.nan``/``.inf`` parse as floats and would otherwise reach torch as a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}", item, source)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item, source)
+
+
 def build_section(schema: type[T], values: Mapping[str, Any] | None, *, section: str,
                   source: str = DEFAULT_PARAMS) -> T:
-    """Instantiate ``schema`` from ``values``; unknown keys and wrong types raise PipelineError."""
+    """Instantiate ``schema`` from ``values``; unknown keys, wrong types and non-finite numbers
+    (at any depth) raise PipelineError naming the key."""
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(values) - set(fields))
@@ -72,6 +91,7 @@ def build_section(schema: type[T], values: Mapping[str, Any] | None, *, section:
     defaults = schema()  # every section dataclass has defaults for all fields
     kwargs = {}
     for name, value in values.items():
+        _check_finite(f"{section}.{name}", value, source)
         kwargs[name] = _check_type(f"{section}.{name}", value, getattr(defaults, name), source)
     return schema(**kwargs)
 

@@ -5,11 +5,20 @@ state saved in ``train/last.pt``: model, optimizer, scheduler, RNG states and th
 Batches depend only on (seed, iteration) (see :mod:`pipeline.data.dataset`), so killing a run
 and re-running the same command continues from the last checkpoint and, on the CPU with
 deterministic settings, ends with the same weights as an uninterrupted run.
+
+A run resumes only what it began: its checkpoints record the config and digests of the data it
+learns from (:func:`data_digests`: which frames train and validate, their contents, the class
+table, the teacher's weights). When any differs, the run starts over and says why in one line.
+``models.<name>.batch_size`` is the global batch of one optimizer step: with DDP each of the
+``world_size`` ranks takes ``batch_size / world_size`` images of it.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import hashlib
+import json
 import math
 import os
 import random
@@ -17,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,17 +36,17 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic
 from pipeline.checkpoint import (load_checkpoint, model_from_checkpoint, restore_training_state,
-                                 save_checkpoint)
+                                 save_checkpoint, weights_digest)
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
-from pipeline.data.manifest import ClassInfo, Frame
+from pipeline.data.manifest import ClassInfo, Frame, frame_digest
 from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.errors import PipelineError
 from pipeline.losses import build_loss
 from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
-from pipeline.models import build_model, to_channels_last
+from pipeline.models import add_prior, build_model, to_channels_last, without_prior
 from pipeline.optim import build_optimizer, build_scheduler, swa_snapshot_iters
 from pipeline.predict import autocast, validate
-from pipeline.runs import RunConfig, RunPaths
+from pipeline.runs import ALL_FOLDS, RunConfig, RunPaths
 
 
 # ----------------------------------------------------------------------------- environment
@@ -150,8 +159,236 @@ def load_run_data(*, manifest: Path, classes_path: Path, counts_path: Path, fold
     row = {i: k for k, i in enumerate(ids)}
     rows = [row[i] for i in train_ids if i in row]
     prior = counts[rows].sum(axis=0) if rows else np.zeros(classes.num_classes, dtype=np.int64)
+    if prior.sum() <= 0:  # would "train" to the end on a loss of 0 and write a best.pt
+        raise PipelineError(f"{counts_path}: the {len(train_ids)} training frame(s) of --fold "
+                            f"{fold} have no labelled pixel (all void): nothing to learn from; "
+                            f"check their masks and the lookup table of {classes_path}")
     return RunData(train_frames=[frames[i] for i in train_ids],
                    val_frames=[frames[i] for i in val_ids], classes=classes, prior_counts=prior)
+
+
+# ----------------------------------------------------------------------------- what a run learned from
+def _sha1(lines: Iterable[str]) -> str:
+    digest = hashlib.sha1()
+    for line in lines:
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _frames_digest(frames: Sequence[Frame]) -> str:
+    # An older manifest has no digest column: hash the files themselves (slower, same value as
+    # prepare's column), never path and size, which miss a mask redrawn in place.
+    return _sha1(sorted(f"{f.id} {f.digest or frame_digest(f.image, f.mask)}" for f in frames))
+
+
+def data_digests(data: RunData, *, teacher: str = "") -> dict[str, str]:
+    """Digests (sha1 hex) of what a run learns from, stored in its checkpoints as
+    ``config["data"]``: ``train_ids`` / ``val_ids`` (the fold assignment), ``train_frames`` /
+    ``val_frames`` (ids with their image and mask contents, the manifest's ``digest``),
+    ``classes`` (names, lookup table, ignore index: what maps masks to targets) and
+    ``teacher`` (the distillation teacher's :func:`weights_digest`, "" without one)."""
+    classes = data.classes
+    return {
+        "train_ids": _sha1(sorted(f.id for f in data.train_frames)),
+        "val_ids": _sha1(sorted(f.id for f in data.val_frames)),
+        "train_frames": _frames_digest(data.train_frames),
+        "val_frames": _frames_digest(data.val_frames),
+        "classes": _sha1([json.dumps({"names": list(classes.names),
+                                      "lut": classes.lut_array().tolist(),
+                                      "ignore_index": int(classes.ignore_index)})]),
+        "teacher": teacher,
+    }
+
+
+# Why a run starts over, by digest; a content change is only named when the ids are the same.
+DATA_CHANGES = {"train_ids": "training frames changed (fold assignment)",
+                "val_ids": "validation frames changed (fold assignment)",
+                "train_frames": "training frames changed (image or mask contents)",
+                "val_frames": "validation frames changed (image or mask contents)",
+                "classes": "classes changed (names, lookup table or ignore index)",
+                "teacher": "teacher weights changed"}
+
+
+def data_change(saved: dict | None, current: dict) -> str | None:
+    """Why a checkpoint with data digests ``saved`` cannot be resumed on ``current``; None when
+    it can."""
+    if not isinstance(saved, dict):
+        return "it records no data digests (saved by an older version)"
+    changed = [k for k in DATA_CHANGES if saved.get(k) != current.get(k)]
+    for ids, frames in (("train_ids", "train_frames"), ("val_ids", "val_frames")):
+        if ids in changed and frames in changed:
+            changed.remove(frames)
+    return ", ".join(DATA_CHANGES[k] for k in changed) or None
+
+
+def check_teacher(ckpt: dict, path: Path, *, student: str, fold: int | str,
+                  digests: dict) -> None:
+    """Refuse a teacher that has seen the student's validation frames: one of another fold, of
+    every fold ("all"), or of the same fold number under another fold assignment. A student of
+    fold "all" holds nothing out and may learn from any teacher."""
+    if fold == ALL_FOLDS:
+        return
+    key = f"models.{student}.distill.teacher"
+    theirs = ckpt.get("fold")
+    shown = "an unrecorded fold" if theirs is None else f"fold {theirs}"
+    if str(theirs) != str(fold):
+        raise PipelineError(f"{key}: teacher {path} was trained with {shown} held out, but the "
+                            f"student holds out fold {fold}: the teacher has seen the student's "
+                            f"validation frames; use a teacher run of fold {fold}")
+    saved = (ckpt.get("config") or {}).get("data") or {}
+    if any(k in saved and saved[k] != digests[k] for k in ("train_ids", "val_ids")):
+        raise PipelineError(f"{key}: teacher {path} was trained on fold {theirs} of another fold "
+                            f"assignment (folds.csv changed since), so it may have seen the "
+                            f"student's validation frames; train the teacher of fold {fold} again")
+
+
+# ----------------------------------------------------------------------------- memory check
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device``: CUDA's free memory, else the host's available RAM
+    (psutil when installed, /proc/meminfo, sysconf); None when nothing tells."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil  # optional: not a dependency of the package
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(model: nn.Module, hw: Sequence[int], *, probe_side: int = 64) -> float | None:
+    """Bytes autograd keeps for the backward pass per training image of size ``hw``: measured
+    on a CPU copy of ``model`` (2 images, train mode) at ``hw`` or, for a larger ``hw``, at
+    ``probe_side`` squared, scaled by the pixel count. The model, its BatchNorm statistics and
+    the RNG streams are left as they were. None when the copy cannot run at that size."""
+    h, w = (int(v) for v in hw)
+    ph, pw = (h, w) if h * w <= 4 * probe_side ** 2 else (probe_side, probe_side)
+    probe = copy.deepcopy(model).cpu().train()
+    params = {p.untyped_storage().data_ptr() for p in probe.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    try:
+        with torch.random.fork_rng(devices=[]), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = probe(torch.zeros(2, 3, ph, pw))
+    except Exception:  # an encoder with a fixed input size, ...: no estimate
+        return None
+    per_image = (sum(kept.values()) + 3 * out.float().nbytes) / 2  # + the losses' softmax etc.
+    return per_image * (h * w) / (ph * pw)
+
+
+def _train_hw(augment: dict, frames: Sequence[Frame]) -> tuple[int, int] | None:
+    crop = augment.get("crop")
+    if crop:
+        return int(crop[0]), int(crop[1])
+    sizes = [(f.height, f.width) for f in frames if f.height and f.width]
+    if not sizes:
+        return None
+    scale = augment.get("scale") or 1.0
+    scale = max(max(scale) if isinstance(scale, (list, tuple)) else float(scale), 1.0)
+    return int(max(h for h, _ in sizes) * scale), int(max(w for _, w in sizes) * scale)
+
+
+def check_memory(model: nn.Module, *, cfg: RunConfig, frames: Sequence[Frame],
+                 device: torch.device, world_size: int = 1) -> None:
+    """Refuse, naming ``models.<name>.batch_size``, a run whose rough memory need exceeds what
+    the device has free: weights, gradients and optimizer state plus, per image of the rank's
+    batch, the activations :func:`activation_bytes` measures (halved under bf16 autocast on
+    CUDA). It leaves out the allocator's temporaries, so it errs low: a run it lets through may
+    still run out, one it refuses cannot fit."""
+    m = cfg.model
+    hw = _train_hw(m.augment, frames)
+    free = available_memory(device)
+    if hw is None or not free:
+        return
+    if device.type == "cpu":  # processes of one CPU host share its memory
+        free //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    per_image = activation_bytes(model, hw)
+    if per_image is None:
+        return
+    if device.type == "cuda" and m.amp:
+        per_image /= 2
+    per_image += 3 * hw[0] * hw[1] * 4 + hw[0] * hw[1] * 8  # the batch itself: image, mask
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = 2 if cfg.optimizer.name == "adamw" else 1  # AdamW's two moments, SGD's momentum
+    batch = m.batch_size // world_size
+    need = weights * (2 + slots) + batch * per_image
+    if need > free:
+        raise PipelineError(
+            f"models.{cfg.name}.batch_size: {batch} image(s) of {hw[0]}x{hw[1]} per step need "
+            f"about {_size(need)} to train (a rough estimate, {_size(per_image)} per image), "
+            f"more than the {_size(free)} free on {device}; lower "
+            f"models.{cfg.name}.batch_size or models.{cfg.name}.augment.crop")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_batch(cfg: RunConfig, *, train_frames: int, world_size: int = 1) -> int:
+    """The batch one rank draws per step: ``models.<name>.batch_size`` is the global batch,
+    split evenly across the ``world_size`` DDP ranks, and at most the training frames."""
+    key, batch = f"models.{cfg.name}.batch_size", cfg.model.batch_size
+    if batch > train_frames:
+        raise PipelineError(f"{key} ({batch}) is larger than the {train_frames} training frames; "
+                            f"lower it to at most {train_frames}")
+    if batch % world_size:
+        raise PipelineError(f"{key} ({batch}) is the global batch of a step and must divide by "
+                            f"the {world_size} DDP processes")
+    return batch // world_size
+
+
+# ----------------------------------------------------------------------------- losses
+def build_run_loss(cfg: RunConfig, *, classes: ClassInfo, distill: bool = False):
+    """The run's :class:`pipeline.losses.CombinedLoss`: ``models.<name>.loss`` plus, for a
+    student, the ``distill`` part with its ``weight``, ``temperature`` and ``labelled_only``."""
+    specs = list(cfg.model.loss)
+    if distill:
+        d = cfg.distill
+        specs.append({"name": "distill", "weight": d.weight, "temperature": d.temperature,
+                      "labelled_only": d.labelled_only})
+    return build_loss(specs, ignore_index=classes.ignore_index, crop_hw=cfg.model.augment.get("crop"),
+                      where=f"models.{cfg.name}.loss")
+
+
+def student_teacher_logits(net: nn.Module, teacher: nn.Module | None, images: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(logits, student_bare, teacher_logits)`` of ``images`` [N, 3, H, W]: the logits every
+    training loss sees ([N, C, H, W], with the logit-adjustment prior in train mode) and, with a
+    teacher, the pair distillation compares (else None, None).
+
+    Distillation compares bare logits ``f(x)`` on both sides, without any prior bias. The
+    teacher, in eval mode, drops its prior; the student in train mode adds ``tau*log(prior)``,
+    so a KL on its plain output pulls ``f_student`` toward ``f_teacher - tau*log(prior)`` and
+    the student ends up adjusted twice at test time. Bare rather than both with the prior
+    because ``f`` is what is used at test time, and because the KL then weights classes by the
+    balanced posteriors: with the prior on both sides the head classes' mass dominates the soft
+    targets, undoing the balance logit adjustment trains for. The student's bare logits come
+    from its one forward pass (the prior is added back for the other losses), so identical
+    weights give a KL of exactly 0.
+    """
+    if teacher is None:
+        return net(images), None, None
+    with without_prior(net):
+        bare = net(images)
+    with torch.no_grad(), without_prior(teacher):
+        teacher_logits = teacher(images)
+    return add_prior(net, bare), bare, teacher_logits
 
 
 # ----------------------------------------------------------------------------- CSV logs
@@ -183,8 +420,10 @@ class NonFiniteLoss(PipelineError):
     pass
 
 
-def _ckpt_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict) -> dict:
-    return {"model": model_spec, "run": cfg.to_dict(), "fold": fold, "seed": seed}
+def _ckpt_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict,
+                 digests: dict) -> dict:
+    return {"model": model_spec, "run": cfg.to_dict(), "fold": fold, "seed": seed,
+            "data": digests}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -206,9 +445,11 @@ def _compatible(ckpt: dict, config: dict) -> bool:
 
 def _scores(cm: np.ndarray, classes: ClassInfo) -> dict:
     ious = iou_per_class(cm)
+    # the matrix travels in last.pt's metric: swa.py pools it over folds for SWA vs last
     return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
             "per_class_iou": {n: (None if np.isnan(v) else float(v))
-                              for n, v in zip(classes.names, ious)}}
+                              for n, v in zip(classes.names, ious)},
+            "cm": np.asarray(cm, dtype=np.int64).tolist()}
 
 
 def _check_crop(model: nn.Module, crop, *, where: str) -> None:
@@ -227,12 +468,21 @@ def _check_crop(model: nn.Module, crop, *, where: str) -> None:
 def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data: RunData,
               device: torch.device, num_workers: int = 0, teacher: Path | None = None,
               dist: Dist = Dist(), deterministic: bool = True, progress: bool = True) -> dict:
-    """Train one run to completion (resuming from ``paths.last`` when compatible).
+    """Train one run to completion (resuming from ``paths.last`` when its config and data
+    digests are the same, else starting over).
 
-    Returns the run's metrics (also written to ``paths.metrics`` by rank 0): best and last
-    validation mIoU, per-class IoU of the last weights, iterations and images/s.
+    ``teacher``: a distillation teacher's checkpoint; one that has seen the student's
+    validation frames is refused (:func:`check_teacher`). Returns the run's metrics (also
+    written to ``paths.metrics`` by rank 0): best and last validation mIoU, per-class IoU of
+    the last weights, iterations and images/s.
     """
     m, classes = cfg.model, data.classes
+    batch = check_batch(cfg, train_frames=len(data.train_frames), world_size=dist.world_size)
+    digests, teacher_ckpt = data_digests(data), None
+    if teacher is not None:
+        teacher_ckpt = load_checkpoint(teacher)
+        check_teacher(teacher_ckpt, teacher, student=cfg.name, fold=fold, digests=digests)
+        digests["teacher"] = weights_digest(teacher_ckpt["model"])
     seed_everything(seed, deterministic=deterministic)
     la = cfg.logit_adjust
     logit_adjust = ({"tau": la.tau, "scale": la.scale, "prior": data.prior_counts.tolist(),
@@ -243,7 +493,9 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
                             weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)
     except PipelineError as err:  # name the config: "unknown arch" alone does not say where
         raise PipelineError(f"models.{cfg.name}: {err}") from None
-    config = _ckpt_config(cfg, fold, seed, dict(model.model_config))
+    config = _ckpt_config(cfg, fold, seed, dict(model.model_config), digests)
+    crop = m.augment.get("crop")
+    _check_crop(model, crop, where=f"models.{cfg.name}.augment.crop")
     model.to(device)
     cuda = device.type == "cuda"
     if cuda and m.channels_last:
@@ -258,17 +510,11 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
                                 min_lr_ratio=sch.min_lr_ratio, swa_iters=swa.iters,
                                 swa_cycle=swa.interval, swa_max_ratio=swa.max_lr_ratio,
                                 swa_min_ratio=swa.min_lr_ratio)
-    crop = m.augment.get("crop")
-    _check_crop(model, crop, where=f"models.{cfg.name}.augment.crop")
-    specs = list(m.loss)
     teacher_model = None
-    if teacher is not None:
-        specs.append({"name": "distill", "weight": cfg.distill.weight,
-                      "temperature": cfg.distill.temperature})
-        teacher_model, _ = model_from_checkpoint(teacher)
+    if teacher_ckpt is not None:
+        teacher_model, _ = model_from_checkpoint(teacher_ckpt)
         teacher_model.to(device).eval().requires_grad_(False)
-    loss_fn = build_loss(specs, ignore_index=classes.ignore_index, crop_hw=crop,
-                         where=f"models.{cfg.name}.loss")
+    loss_fn = build_run_loss(cfg, classes=classes, distill=teacher_model is not None)
 
     # ---- resume
     total = cfg.total_iters
@@ -276,7 +522,9 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
     resumed = False
     if paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
-        if _compatible(ckpt, config):
+        changed = (data_change((ckpt.get("config") or {}).get("data"), digests)
+                   if _compatible(ckpt, config) else "saved with another config")
+        if changed is None:
             start = restore_training_state(ckpt, model=model, optimizer=optimizer,
                                            scheduler=scheduler)
             state.update((ckpt.get("extra") or {}).get("state", {}))
@@ -284,17 +532,18 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
             if dist.is_main:
                 print(f"resuming {paths.root.name} from iteration {start}/{total}", flush=True)
         elif dist.is_main:
-            print(f"{paths.last}: saved with another config; starting {paths.root.name} over",
-                  flush=True)
+            print(f"{paths.last}: {changed}; starting {paths.root.name} over", flush=True)
         dist.barrier()  # every rank has read last.pt before rank 0 may delete it
+    if start < total:  # before anything is written: a batch that cannot fit is refused
+        check_memory(model, cfg=cfg, frames=data.train_frames, device=device,
+                     world_size=dist.world_size)
     if dist.is_main:
         if not resumed:  # a fresh start keeps nothing of an earlier run (other config, killed)
             shutil.rmtree(paths.train_dir, ignore_errors=True)
             for stale in (paths.log, paths.val_log, paths.metrics, paths.swa):
                 stale.unlink(missing_ok=True)
         paths.train_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in paths.train_dir.rglob(".*.tmp"):  # a save cut short by a kill
-            tmp.unlink(missing_ok=True)
+        atomic.remove_stale_tmp(paths.train_dir, recursive=True)  # saves cut short by a kill
         _truncate_log(paths.log, upto=start)
         _truncate_log(paths.val_log, upto=start)
 
@@ -320,7 +569,7 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
     it = start
     saved_at = start if resumed else None
     if it < total:
-        loader = build_loader(train_ds, batch_size=m.batch_size, num_workers=num_workers, seed=seed,
+        loader = build_loader(train_ds, batch_size=batch, num_workers=num_workers, seed=seed,
                               start_iter=start, rank=dist.rank, world_size=dist.world_size)
         batches = iter(loader)
         bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
@@ -334,12 +583,9 @@ def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, da
             if cuda and m.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, m.amp):
-                logits = net(images)
-                teacher_logits = None
-                if teacher_model is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher_model(images).float()
-            loss, parts = loss_fn(logits.float(), masks, teacher_logits=teacher_logits)
+                logits, bare, teacher_logits = student_teacher_logits(net, teacher_model, images)
+            loss, parts = loss_fn(logits.float(), masks, teacher_logits=teacher_logits,
+                                  student_logits=None if bare is None else bare.float())
             bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
             if dist.enabled:
                 torch_dist.all_reduce(bad)

@@ -7,19 +7,22 @@ live in :mod:`pipeline.fusion`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import joblib
 import numpy as np
@@ -29,8 +32,10 @@ from pipeline.config import read_params
 from pipeline.data.manifest import Frame, read_classes, read_manifest
 from pipeline.errors import PipelineError, unknown_name
 from pipeline.metrics import mean_iou
-from pipeline.probstore import OOF_DIR, Member, list_members, map_path
-from pipeline.runs import ModelParams
+from pipeline.probstore import (ALL_FOLDS, META_FILE, OOF_DIR, Member, fold_dir_name,
+                                list_members, map_path, member_name, member_names)
+from pipeline.runs import ModelParams, load_train_params
+from pipeline.splits import read_folds
 
 DEFAULT_GRID = {"start": 0.0, "stop": 2.0, "step": 0.1}
 ROWS = ("best_single", "uniform_mean", "S", "S_W", "S_W_A")
@@ -39,6 +44,9 @@ CACHE, WEIGHTS, METRICS, MEMBERS, HEATMAP = ("grid_scores.npz", "weights.json", 
 CONFUSION = "confusion.json"  # {row: [C][C] OOF confusion matrix} of the table's rows (reports)
 TEST_PRED = "test_pred"
 RECORDS = ".grid_records-"   # temp folder prefix (under the output folder) of the label records
+STUDY_DB = "study.db"
+LOCK = ".search.lock"        # held (fcntl.flock) by the search that writes the output folder
+FALLBACKS = ("best_single", "none")
 
 
 # ----------------------------------------------------------------------------- params
@@ -97,7 +105,40 @@ def model_families(params_path: str | Path) -> dict[str, str]:
             for name, cfg in models.items()}
 
 
+def params_members(params_path: str | Path) -> list[str] | None:
+    """The members the params define, sorted: ``<model>_s<seed>`` of train.models x train.seeds
+    and of train.students x train.student_seeds (checked by :func:`pipeline.runs.
+    load_train_params`), the runs the DVC matrices train and infer. None when the file has no
+    ``train:`` section (maps made elsewhere: every member found is used)."""
+    path = Path(params_path)
+    if not path.is_file() or "train" not in read_params(path):
+        return None
+    train = load_train_params(path)
+    names = {member_name(m, s) for m in train.models for s in train.seeds}
+    names |= {member_name(st["name"], s) for st in train.students for s in train.student_seeds}
+    if not names:
+        raise PipelineError(f"{path}: train.models and train.students define no member to "
+                            f"ensemble")
+    return sorted(names)
+
+
 # ----------------------------------------------------------------------------- inputs
+def select_members(oof_root: Path, wanted: Sequence[str] | None, *,
+                   source: str = "params.yaml") -> tuple[list[Member], list[str]]:
+    """(the members ``wanted`` (all found: None), the names of the other members found under
+    ``oof_root``, which are ignored). A wanted member without maps is an error naming it."""
+    found = member_names(oof_root)
+    if wanted is None:
+        return list_members(oof_root), []
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        more = f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""
+        raise PipelineError(f"{oof_root / missing[0]}: no maps of member '{missing[0]}', which "
+                            f"{source} defines (train.models x train.seeds, train.students x "
+                            f"train.student_seeds){more}; run its inference or drop it there")
+    return list_members(oof_root, wanted), [name for name in found if name not in wanted]
+
+
 def member_model(member: Member) -> str:
     """Model config name of a member: meta "model", else its name minus ``_s<seed>``."""
     meta = member.meta[member.folds[0]]
@@ -134,13 +175,56 @@ def oof_frames(members: Sequence[Member], frames: Sequence[Frame], manifest: Pat
     return sorted((by_id[i] for i in union), key=lambda f: (f.video, f.frame, f.id))
 
 
+def check_oof_coverage(frames: Sequence[Frame], train_ids: Mapping[str, int | None], *,
+                       where: Path, allow_partial: bool) -> dict[str, Any]:
+    """How the OOF ``frames`` cover the train frames ``train_ids`` ({id: fold}, the folds file's;
+    fold None when only the manifest is known, ``where``): {"oof_frames", "oof_frames_missing",
+    "partial", "missing_folds": {fold: frames missing}}. A fit on part of the train frames (a
+    fold not trained or not inferred yet) is refused unless ``allow_partial``."""
+    covered = {f.id for f in frames}
+    extra = sorted(covered - set(train_ids))
+    if extra:
+        raise PipelineError(f"{where}: out-of-fold frame '{extra[0]}' is not one of its train "
+                            f"frames ({len(extra)} such); the maps were made with another split")
+    missing = sorted(set(train_ids) - covered)
+    per_fold = collections.Counter(train_ids[i] for i in missing)
+    totals = collections.Counter(train_ids.values())
+    info = {"oof_frames": len(covered), "oof_frames_missing": len(missing),
+            "partial": bool(missing),
+            "missing_folds": {str(k): per_fold[k] for k in sorted(per_fold, key=str)
+                              if k is not None}}
+    if missing and not allow_partial:
+        folds = "; ".join(f"fold {k}: {per_fold[k]} of its {totals[k]}"
+                          for k in sorted(per_fold, key=str) if k is not None)
+        raise PipelineError(f"{where}: the members' out-of-fold maps cover {len(covered)} of its "
+                            f"{len(train_ids)} train frames, {len(missing)} missing "
+                            f"({folds or f'first {missing[0]!r}'}); run the missing folds' "
+                            f"training and inference, or set ensemble.allow_partial: true to "
+                            f"fit on the covered frames only")
+    return info
+
+
 def check_members(members: Sequence[Member], num_classes: int, classes_path: Path, *,
-                  full_size: bool) -> int:
-    """Class counts agree with classes.json; returns the common stride (1 with full_size)."""
+                  full_size: bool, class_names: Sequence[str] | None = None) -> int:
+    """Class counts (and, given ``class_names``, the names each run's meta.json records, in
+    order) agree with classes.json; returns the common stride (1 with full_size)."""
     for member in members:
         if member.classes != num_classes:
             raise PipelineError(f"{member.root}: maps of {member.classes} classes, {classes_path} "
                                 f"has {num_classes}")
+        for fold in member.folds if class_names is not None else ():
+            meta = member.run_dir(fold) / META_FILE
+            names = member.meta[fold].get("class_names")
+            if not isinstance(names, list):
+                raise PipelineError(f"{meta}: no class_names to check against {classes_path} "
+                                    f"(maps made before inference recorded them); re-run the "
+                                    f"inference of member '{member.name}'")
+            if [str(n) for n in names] != [str(n) for n in class_names]:
+                k = next(i for i, (a, b) in enumerate(itertools.zip_longest(
+                    map(str, names), map(str, class_names))) if a != b)
+                raise PipelineError(f"{meta}: member '{member.name}' was predicted with class "
+                                    f"{k} = '{names[k]}' but {classes_path} has '{class_names[k]}' "
+                                    f"(classes reordered or renamed); re-run its inference")
     strides = {m.stride for m in members}
     if len(strides) > 1 and not full_size:
         listed = ", ".join(f"{m.name}={m.stride}" for m in members)
@@ -227,149 +311,138 @@ def resolve_groups(explicit: Mapping[str, list[str]] | None, *, names: Sequence[
 STUDY_NAME = "ensemble"
 
 
-def _grid_sampler(search_space: dict[str, list[float]]):
-    import optuna
+@dataclasses.dataclass
+class OpenStudy:
+    """A study opened for one grid: ``study`` (Optuna's handle), ``done`` (its complete trials
+    when opened), and where it lives: ``path`` is ``db`` itself (a kept study of the same
+    inputs, resumed in place) or a work file beside it (:func:`work_path`) that replaces ``db``
+    once complete (:meth:`commit`), so a search that fails or is killed never empties the
+    study an earlier search left. ``created``: this process made the work file."""
 
-    class FastGridSampler(optuna.samplers.GridSampler):
-        # GridSampler compares every finished trial's search space value by value after each
-        # trial (O(trials^2 x grid): ~10 s for 21 x 21); plain list equality is the same test
-        # for our NaN-free grids and keeps a study of 441 lookups well under a second.
-        def _same_search_space(self, search_space) -> bool:  # noqa: ANN001
-            return search_space == self._search_space or super()._same_search_space(search_space)
+    study: Any
+    done: list
+    db: Path
+    path: Path
+    created: bool = False
 
-    return FastGridSampler(search_space, seed=0)
+    def commit(self) -> bool:
+        """Move the work file onto ``db`` (atomic); True when it replaced or created ``db``."""
+        if self.path == self.db:
+            return False
+        os.replace(self.path, self.db)
+        self.path = self.db
+        return True
 
-
-def _bulk_insert(storage, study_id: int, trials: Sequence) -> bool:
-    """Insert finished ``trials`` into an RDB study in one transaction, row for row what
-    ``Study.add_trials`` stores (numbers, states, times, params, values, attributes).
-
-    ``add_trials`` goes through the ORM one trial at a time (~7 ms each, 3 s for a 21 x 21
-    grid); this writes the same rows in ~0.1 s. It uses Optuna's table models, so it runs only
-    on the schema version it was written for and returns False (nothing written) otherwise."""
-    import json
-
-    from optuna.distributions import distribution_to_json
-    from optuna.storages import RDBStorage
-    from optuna.storages._rdb import models
-
-    rdb = getattr(storage, "_backend", storage)
-    if not isinstance(rdb, RDBStorage) or models.SCHEMA_VERSION != 12 or any(
-            t.values is None or len(t.values) != 1 or t.intermediate_values for t in trials):
-        return False
-    session = rdb.scoped_session()
-    try:
-        study = models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-        number = session.query(models.TrialModel).filter(
-            models.TrialModel.study_id == study_id).count()
-        rows = []
-        for k, t in enumerate(trials):
-            value, kind = models.TrialValueModel.value_to_stored_repr(t.values[0])
-            row = models.TrialModel(study_id=study.study_id, number=number + k, state=t.state,
-                                    datetime_start=t.datetime_start,
-                                    datetime_complete=t.datetime_complete)
-            row.values = [models.TrialValueModel(objective=0, value=value, value_type=kind)]
-            row.params = [models.TrialParamModel(
-                param_name=name, param_value=t.distributions[name].to_internal_repr(v),
-                distribution_json=distribution_to_json(t.distributions[name]))
-                for name, v in t.params.items()]
-            row.user_attributes = [models.TrialUserAttributeModel(key=key, value_json=json.dumps(v))
-                                   for key, v in t.user_attrs.items()]
-            row.system_attributes = [models.TrialSystemAttributeModel(key=key,
-                                                                      value_json=json.dumps(v))
-                                     for key, v in t.system_attrs.items()]
-            rows.append(row)
-        session.add_all(rows)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
-    return True
+    def discard(self) -> None:
+        """Remove the work file this process created (a search that failed)."""
+        if self.path != self.db and self.created:
+            self.path.unlink(missing_ok=True)
 
 
-def add_trials(study, trials: Sequence) -> None:
-    """``study.add_trials(trials)``, in one transaction where the storage allows it."""
-    if not trials:
-        return
-    if not _bulk_insert(study._storage, study._study_id, trials):
-        study.add_trials(trials)
+def work_path(db: Path, fingerprint: str) -> Path:
+    """The work file of a new study of inputs ``fingerprint`` beside ``db``: a search killed
+    while building it resumes it."""
+    return db.parent / f".{db.name}.{fingerprint[:16]}.tmp"
+
+
+def _study_error(db: Path, err: Exception) -> PipelineError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    if "locked" in str(err).lower():  # another process holds it: never advise deleting it
+        return PipelineError(f"{db}: the Optuna study is locked by another process (an Optuna "
+                             f"tool or dashboard reading it?); try again when it is done "
+                             f"({type(err).__name__}: {first})")
+    return PipelineError(f"{db}: cannot open the Optuna study ({type(err).__name__}: {first}); "
+                         f"delete the file to start over")
 
 
 def open_study(*, alphas: Sequence[float], betas: Sequence[float], db: Path,
-               fingerprint: str) -> tuple[Any, list]:
-    """(the study kept in SQLite at ``db`` for this grid, its complete trials): created, or
-    loaded to resume; a study made from other inputs (fingerprint, grid) is replaced.
+               fingerprint: str) -> OpenStudy:
+    """The study for this grid and these inputs: the one kept in SQLite at ``db`` when it was
+    made from them (resumed in place), else a new one (or one a killed search left) in its work
+    file beside ``db``, which is only read. See :class:`OpenStudy`.
 
     Needs no score: :func:`search_ensemble` opens it while the grid pass runs."""
     import optuna
     from optuna.trial import TrialState
 
     space = {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas]}
-    storage = f"sqlite:///{db.resolve()}"
-    db.parent.mkdir(parents=True, exist_ok=True)
+    attrs = (("fingerprint", fingerprint), ("grid", space))
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def complete(stored) -> list:  # noqa: ANN001
+        return stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def adopt(stored) -> None:  # noqa: ANN001
+        for key, value in attrs:
+            if stored.user_attrs.get(key) != value:  # each write is a commit (an fsync)
+                stored.set_user_attr(key, value)
+
     try:
+        if db.exists():
+            try:
+                kept = optuna.load_study(study_name=STUDY_NAME,
+                                         storage=f"sqlite:///{db.resolve()}")
+            except KeyError:  # a database without our study: replaced once ours is complete
+                kept = None
+            except Exception as err:  # SQLAlchemy / Optuna errors of an unusable database file
+                raise _study_error(db, err) from None
+            if kept is not None and all(kept.user_attrs.get(k) in (None, v) for k, v in attrs):
+                adopt(kept)
+                return OpenStudy(kept, complete(kept), db=db, path=db)
+        work = work_path(db, fingerprint)
+        created = not work.exists()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{work.resolve()}"
         try:
             stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
                                          direction="maximize", load_if_exists=True)
-        except Exception as err:  # SQLAlchemy / Optuna errors of an unusable database file
-            raise PipelineError(f"{db}: cannot open the Optuna study ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0] if str(err) else ''}); delete the file "
-                                f"to start over") from None
-        if stored.user_attrs.get("fingerprint") not in (None, fingerprint) \
-                or stored.user_attrs.get("grid") not in (None, space):
-            print(f"{db}: study '{STUDY_NAME}' was made from other inputs; starting it over")
-            optuna.delete_study(study_name=STUDY_NAME, storage=storage)
-            stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
-                                         direction="maximize")
-        for key, value in (("fingerprint", fingerprint), ("grid", space)):
-            if stored.user_attrs.get(key) != value:  # each write is a commit (an fsync)
-                stored.set_user_attr(key, value)
-        return stored, stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if any(stored.user_attrs.get(k) not in (None, v) for k, v in attrs):
+                optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+                stored = optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                             direction="maximize")
+        except Exception as err:
+            raise _study_error(work, err) from None
+        adopt(stored)
+        return OpenStudy(stored, complete(stored), db=db, path=work, created=created)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def run_study(*, scores: Mapping[tuple[float, float], float], alphas: Sequence[float],
               betas: Sequence[float], db: Path, fingerprint: str,
-              opened: tuple[Any, list] | None = None) -> list:
-    """Grid-search (alpha, beta) with Optuna's GridSampler, the objective a lookup in
-    ``scores``; the study is kept in SQLite at ``db`` and resumed: grid points already done are
-    not repeated (see :func:`open_study`; ``opened``: what it returned for these arguments).
-    Returns the study's complete trials.
+              opened: OpenStudy | None = None, commit: bool = True) -> list:
+    """Record the (alpha, beta) grid in an Optuna study: one complete trial per grid point, its
+    value the exact score of ``scores``; the study is kept in SQLite at ``db`` and resumed:
+    grid points already stored are not added again (see :func:`open_study`; ``opened``: what
+    it returned for these arguments). ``commit``: move a new study onto ``db`` once complete
+    (else the caller does, see :meth:`OpenStudy.commit`). Returns the study's complete trials.
 
-    Trials run in memory and are then added to SQLite in one go: with SQLite as the live
-    storage each trial costs ~60 ms of database round trips (30 s for 441 lookups).
+    Every point is scored exactly by the grid pass, so the trials are made with
+    ``optuna.trial.create_trial`` in grid order (what a ``GridSampler`` would visit, without
+    its per-trial search-space checks) and stored with ``Study.add_trials``: public APIs only.
     """
     import optuna
-    from optuna.trial import TrialState
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
 
-    stored, done = opened or open_study(alphas=alphas, betas=betas, db=db,
-                                        fingerprint=fingerprint)
-    space = {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas]}
+    opened = opened or open_study(alphas=alphas, betas=betas, db=db, fingerprint=fingerprint)
+    stored, done = opened.study, opened.done
+    have = {(t.params.get("alpha"), t.params.get("beta")) for t in done}
+    space = {"alpha": FloatDistribution(float(alphas[0]), float(alphas[-1])),
+             "beta": FloatDistribution(float(betas[0]), float(betas[-1]))}
+    new = [create_trial(params={"alpha": float(a), "beta": float(b)}, distributions=space,
+                        value=float(scores[(a, b)]))
+           for a in alphas for b in betas if (float(a), float(b)) not in have]
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize", sampler=_grid_sampler(space))
-        study.add_trials(done)
-        todo = len(space["alpha"]) * len(space["beta"]) - len(
-            {(t.params.get("alpha"), t.params.get("beta")) for t in done})
-        if todo > 0:
-            lo_a, hi_a, lo_b, hi_b = alphas[0], alphas[-1], betas[0], betas[-1]
-
-            def objective(trial) -> float:  # noqa: ANN001
-                return scores[(trial.suggest_float("alpha", lo_a, hi_a),
-                               trial.suggest_float("beta", lo_b, hi_b))]
-
-            study.optimize(objective, n_trials=todo)
-            add_trials(stored, study.trials[len(done):])
+        stored.add_trials(new)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    # what is stored now: the trials read at the start and those just added (no re-read)
-    return [*done, *(t for t in study.trials[len(done):] if t.state == TrialState.COMPLETE)]
+    if commit:
+        opened.commit()
+    return [*done, *new]  # what is stored now (no re-read)
 
 
 def best_point(points: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
@@ -454,6 +527,12 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     for row in ROWS:
         lines.append(f"{row:<14} {pct(metrics[f'{row}_mIoU']):>7} "
                      f"{pct(metrics[f'{row}_mVC8']):>7} {pct(metrics[f'{row}_mVC16']):>7}")
+    if metrics.get("partial"):
+        folds = ", ".join(f"fold {k}: {n}" for k, n in (metrics.get("missing_folds") or {}).items())
+        lines.append(f"partial: fitted on {metrics['oof_frames']} of the "
+                     f"{metrics['oof_frames'] + metrics['oof_frames_missing']} train frames "
+                     f"({metrics['oof_frames_missing']} missing{': ' + folds if folds else ''}; "
+                     f"ensemble.allow_partial)")
     return "\n".join(lines)
 
 
@@ -555,11 +634,58 @@ def _fused_rows_and_heatmap(point: tuple[float, float], *, alpha_sw: float, rows
     return value
 
 
-def _test_kill_point(name: str) -> None:
-    """Test hook: SIGKILL this process at point ``name`` when SEGPIPE_TEST_KILL_AT says so
-    (the kill -9 resume test of the search)."""
-    if os.environ.get("SEGPIPE_TEST_KILL_AT") == name:
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+@contextlib.contextmanager
+def search_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold ``out_dir/.search.lock`` (``fcntl.flock``, released by the kernel if the holder
+    dies) while a search writes ``out_dir``: its study, records and outputs. The file holds
+    the holder's pid and start time, and is removed at release; a second search finds it held
+    and stops with one line saying who holds it."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "pid not written yet"
+            os.close(fd)
+            raise PipelineError(f"{path}: another search is writing {out_dir} ({holder}); "
+                                f"wait for it to end") from None
+        try:  # the holder before us may have removed the file as we opened it: open anew
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while held: an opener that waits re-checks the inode
+        os.close(fd)
+
+
+def member_test_weights(member: Member, full_data_weight: float = 0.0) -> dict[str, float]:
+    """How ``--apply`` makes a member's test map from its runs' test maps: {"f<K>": weight}.
+
+    The k fold models (each trained without fold K; their OOF maps are what the search
+    scored) share 1 - w equally. The run trained on every train frame (``--fold all``, folder
+    ``fall``: test maps only, so no OOF score of its own) is not one more fold model: it gets
+    the separate weight w = ``ensemble.full_data_weight``. The default w = 0 keeps the test map
+    the fold models' mean, the model the OOF maps measured; a member without such a run gives
+    its fold models all the weight. weights.json and members.json record the result."""
+    folds = [f for f in member.folds if f != ALL_FOLDS]
+    full = ALL_FOLDS in member.meta
+    w = float(full_data_weight) if full else 0.0
+    out = {fold_dir_name(f): (1.0 - w) / max(1, len(folds)) for f in folds}
+    if full:
+        out[fold_dir_name(ALL_FOLDS)] = w
+    return out
 
 
 def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
@@ -568,31 +694,58 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                     n_strong: int = 3, n_aux: int = 0, alphas: Sequence[float] | None = None,
                     betas: Sequence[float] | None = None, full_size: bool = False,
                     workers: int = 1, chunk_frames: int = 32, progress: bool = True,
-                    params_source: str = "params.yaml") -> dict:
+                    params_source: str = "params.yaml", members: Sequence[str] | None = None,
+                    folds_path: Path | None = None, allow_partial: bool = False,
+                    fallback: str = "best_single", full_data_weight: float = 0.0) -> dict:
     """Fit the group weights on the OOF maps under ``oof_root`` and write the outputs to
     ``out_dir`` (see the module docstring). ``groups``: explicit {S, W, A} lists or None for
     automatic ones; ``families``: {model config: family} (needed by auto groups);
-    ``alphas``/``betas``: grid weights (default 0..2 step 0.1).
+    ``alphas``/``betas``: grid weights (default 0..2 step 0.1); ``members``: the member names
+    to use (:func:`params_members`; None: every member found; the others found are ignored,
+    said in one line); ``folds_path``: folds.csv, the train frames the OOF maps must cover
+    (None: the manifest's), unless ``allow_partial``; ``fallback``: "best_single" makes
+    weights.json select the best single member when the best fused row scores below it OOF
+    ("none": keep the fused row); ``full_data_weight``: see :func:`member_test_weights`.
+    Holds ``out_dir/.search.lock`` while it writes (:func:`search_lock`).
     Returns {"weights": ..., "metrics": ..., "members": ...} as written."""
     alphas = parse_grid(alphas, key="alpha_grid", source=params_source)
     betas = parse_grid(betas, key="beta_grid", source=params_source)
-    members = list_members(oof_root)
-    names = [m.name for m in members]
-    by_name = dict(zip(names, members))
+    if fallback not in FALLBACKS:
+        raise PipelineError(f"{params_source}: ensemble.fallback: "
+                            f"{unknown_name('fallback', str(fallback), FALLBACKS)}")
+    if not (_is_number(full_data_weight) and 0 <= full_data_weight <= 1):
+        raise PipelineError(f"{params_source}: ensemble.full_data_weight must be a number in "
+                            f"[0, 1], got {full_data_weight!r}")
+    members_, ignored = select_members(oof_root, members, source=params_source)
+    if ignored:
+        print(f"{oof_root}: ignoring the maps of {', '.join(ignored)} (not a member "
+              f"{params_source} defines)")
+    names = [m.name for m in members_]
     classes_path, manifest = data_dir / "classes.json", data_dir / "manifest.csv"
     classes = read_classes(classes_path)
-    stride = check_members(members, classes.num_classes, classes_path, full_size=full_size)
-    frames = oof_frames(members, read_manifest(manifest), manifest)
+    stride = check_members(members_, classes.num_classes, classes_path, full_size=full_size,
+                           class_names=classes.names)
+    all_frames = read_manifest(manifest)
+    frames = oof_frames(members_, all_frames, manifest)
+    if folds_path is not None:
+        train_ids, where = dict(read_folds(folds_path)), Path(folds_path)
+    else:
+        where = manifest
+        train_ids = {f.id: None for f in all_frames if f.split == "train" and f.mask}
+    coverage = check_oof_coverage(frames, train_ids, where=where, allow_partial=allow_partial)
     fam = {m.name: _family_or_none(m, families or {}, params_source, required=groups is None)
-           for m in members}
+           for m in members_}
+    n_primary = sum(f == primary_family for f in fam.values())
+    if groups is None and n_strong > n_primary > 0:
+        print(f"note: ensemble.n_strong {n_strong} is more than the {n_primary} members of "
+              f"family '{primary_family}': clamped to {n_primary} (S takes them all, W is empty)")
     settings = {"groups": groups, "families": None if groups else fam, "alphas": alphas,
                 "primary_family": primary_family, "n_strong": n_strong, "n_aux": n_aux,
                 "betas": betas, "full_size": full_size, "frames": [f.id for f in frames]}
-    fp = fingerprint(members, frames, classes_path, settings)
-    source = fusion.OofSource(members=tuple(members), lut=classes.lut_array(),
+    fp = fingerprint(members_, frames, classes_path, settings)
+    source = fusion.OofSource(members=tuple(members_), lut=classes.lut_array(),
                               num_classes=classes.num_classes, stride=stride,
                               full_size=full_size, ignore_index=classes.ignore_index)
-    run = {"workers": workers, "chunk_frames": chunk_frames, "progress": progress}
 
     def grouping(cms: Mapping[str, np.ndarray] | None) -> dict[str, list[str]]:
         scores = {n: mean_iou(cms[n]) for n in names} if cms is not None else {}
@@ -600,18 +753,88 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                               primary_family=primary_family, n_strong=n_strong, n_aux=n_aux,
                               source=params_source)
 
+    with search_lock(out_dir):
+        found = _search(source, frames, grouping=grouping, grid=(alphas, betas), fp=fp,
+                        out_dir=out_dir, manifest=manifest, auto_groups=groups is None,
+                        classes=classes, full_size=full_size, stride=stride,
+                        run={"workers": workers, "chunk_frames": chunk_frames,
+                             "progress": progress})
+        table, trials, handle = found["table"], found["trials"], found["handle"]
+        alpha, beta, best = found["alpha"], found["beta"], found["best"]
+        alpha_sw = found["alpha_sw"]
+        chosen, single, member_cms = found["chosen"], found["single"], found["member_cms"]
+        by_name = dict(zip(names, members_))
+        member_miou = {n: mean_iou(member_cms[n]) for n in names}
+        single_score = member_miou[single]
+        use_single = fallback == "best_single" and best < single_score
+        table["best_single"] = table[f"member:{single}"]
+        metrics: dict[str, Any] = {"frames": len(frames), **coverage, "members": len(names),
+                                   "alpha": alpha, "beta": beta, "alpha_S_W": alpha_sw}
+        for key in ROWS:
+            cm, vc = table[key]
+            metrics[f"{key}_mIoU"] = _num(mean_iou(cm))
+            metrics.update({f"{key}_mVC{n}": _num(vc.get(n)) for n in (8, 16)})
+        metrics.update(fallback="best_single" if use_single else None,
+                       fallback_member=single if use_single else None,
+                       submitted_mIoU=_num(single_score if use_single else best))
+        group_of = {n: g for g, listed in chosen.items() for n in listed}
+        mixes = {n: member_test_weights(by_name[n], full_data_weight) for n in names}
+        member_table = {n: {"model": member_model(by_name[n]), "family": fam[n],
+                            "group": group_of.get(n), "oof_mIoU": _num(member_miou[n]),
+                            "test_weights": mixes[n]}
+                        for n in sorted(names, key=lambda n: (-member_miou[n], n))}
+        applied = {"S": [single], "W": [], "A": []} if use_single else chosen
+        applied_of = {n: g for g, listed in applied.items() for n in listed}
+        weights = {"groups": applied, "alpha": 0.0 if use_single else alpha,
+                   "beta": 0.0 if use_single else beta,
+                   "oof_mIoU": single_score if use_single else best,
+                   "fallback": "best_single" if use_single else None,
+                   "fused": {"groups": chosen, "alpha": alpha, "beta": beta, "oof_mIoU": best},
+                   "best_single": {"member": single, "oof_mIoU": _num(single_score)},
+                   "grid": {"alpha": found["grid"][0], "beta": found["grid"][1]},
+                   "classes": classes.num_classes, "frames": len(frames), **coverage,
+                   "full_data_weight": float(full_data_weight), "fingerprint": fp,
+                   "members": {n: {"group": applied_of[n], "oof_mIoU": _num(member_miou[n]),
+                                   "meta_sha": _meta_digest(by_name[n]),
+                                   "test_weights": mixes[n]} for n in sorted(applied_of)},
+                   "study": {"storage": f"sqlite:///{(out_dir / STUDY_DB).as_posix()}",
+                             "name": STUDY_NAME, "trials": len(trials)}}
+        atomic.write_json(out_dir / MEMBERS, member_table)
+        atomic.write_json(out_dir / CONFUSION,
+                          {key: np.asarray(table[key][0]).tolist() for key in ROWS})
+        atomic.write_json(out_dir / METRICS, metrics)
+        replaced = (out_dir / STUDY_DB).exists()
+        if handle.commit() and replaced:  # the earlier study is kept until this one is complete
+            print(f"{out_dir / STUDY_DB}: the study of other inputs is replaced by this one "
+                  f"({len(trials)} trials)")
+        atomic.write_json(out_dir / WEIGHTS, weights)  # last: a search killed before resumes
+    return {"weights": weights, "metrics": metrics, "members": member_table, "ignored": ignored}
+
+
+def _search(source: fusion.OofSource, frames: Sequence[Frame], *, grouping, fp: str,
+            grid: tuple[list[float], list[float]], out_dir: Path, manifest: Path,
+            auto_groups: bool, classes, full_size: bool, stride: int,
+            run: Mapping[str, Any]) -> dict[str, Any]:
+    """The passes, the study and the table's rows of :func:`search_ensemble`, with the search
+    lock held; a new study stays in its work file (the returned ``handle``) until the caller
+    commits it."""
+    workers = run["workers"]
+    db = out_dir / STUDY_DB
     for stale in out_dir.glob(f"{RECORDS}*"):  # label records of a search that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.glob(f".{STUDY_DB}.*.tmp"):  # a new study of other inputs, unfinished
+        if stale != work_path(db, fp):
+            stale.unlink(missing_ok=True)
     record_dir = None
     # with workers, this process only waits during the grid pass: it opens the study then
     background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     opening: dict[tuple, concurrent.futures.Future] = {}
+    handles: list[OpenStudy] = []
 
     def open_meanwhile(grid: tuple[list[float], list[float]]) -> None:
         if workers > 1:
             opening[tuple(map(tuple, grid))] = background.submit(
-                open_study, alphas=grid[0], betas=grid[1], db=out_dir / "study.db",
-                fingerprint=fp)
+                open_study, alphas=grid[0], betas=grid[1], db=db, fingerprint=fp)
 
     try:
         cached = load_cache(out_dir / CACHE, fp)
@@ -620,14 +843,12 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
             print(f"{out_dir / CACHE}: inputs unchanged, reusing its scores")
             cached_rows = dict(rows)
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
             record_dir = Path(tempfile.mkdtemp(prefix=RECORDS, dir=out_dir))
             counts, table, rows, member_cms = _grid_pass(
-                source, frames, grouping=grouping, grid=(alphas, betas), run=run,
-                record_dir=record_dir, manifest=manifest, auto_groups=groups is None,
-                member_cms=meta_confusions(members, classes.num_classes)
+                source, frames, grouping=grouping, grid=grid, run=run,
+                record_dir=record_dir, manifest=manifest, auto_groups=auto_groups,
+                member_cms=meta_confusions(source.members, classes.num_classes)
                 if full_size or stride == 1 else None, starting=open_meanwhile)
-            _test_kill_point("pass")
         chosen = grouping(member_cms)
         grid_a, grid_b = [float(a) for a in counts.alphas], [float(b) for b in counts.betas]
         miou = counts.miou()
@@ -642,11 +863,14 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                 source, frames, rows=todo, groups=chosen, desc="fused rows", **run)[1])
 
         def study() -> list:
-            opened = opening.get((tuple(grid_a), tuple(grid_b)))
-            trials = run_study(scores=scores, alphas=grid_a, betas=grid_b,
-                               db=out_dir / "study.db", fingerprint=fp,
-                               opened=opened.result() if opened else None)
-            _test_kill_point("study")
+            pending = opening.get((tuple(grid_a), tuple(grid_b)))
+            handle = pending.result() if pending else open_study(
+                alphas=grid_a, betas=grid_b, db=db, fingerprint=fp)
+            handles.append(handle)
+            trials = run_study(scores=scores, alphas=grid_a, betas=grid_b, db=db,
+                               fingerprint=fp, opened=handle, commit=False)
+            print(f"study: {len(trials)} grid points, {len(trials) - len(handle.done)} new",
+                  flush=True)
             return trials
 
         # the study looks every grid point up, so its best point is known before it runs:
@@ -667,35 +891,19 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
         if cached is None or cached_rows != rows:
             save_cache(out_dir / CACHE, fp=fp, counts=counts, table=table, rows=rows,
                        member_cms=member_cms)
+    except BaseException:
+        background.shutdown()
+        handles += [f.result() for f in opening.values() if f.done() and not f.exception()]
+        for handle in handles:  # a new study this search began: the earlier one stays
+            handle.discard()
+        raise
     finally:
         background.shutdown()
         if record_dir is not None:
             shutil.rmtree(record_dir, ignore_errors=True)
-
-    member_miou = {n: mean_iou(member_cms[n]) for n in names}
-    table["best_single"] = table[f"member:{single}"]
-    metrics: dict[str, Any] = {"frames": len(frames), "members": len(names), "alpha": alpha,
-                               "beta": beta, "alpha_S_W": alpha_sw}
-    for key in ROWS:
-        cm, vc = table[key]
-        metrics[f"{key}_mIoU"] = _num(mean_iou(cm))
-        metrics.update({f"{key}_mVC{n}": _num(vc.get(n)) for n in (8, 16)})
-    group_of = {n: g for g, listed in chosen.items() for n in listed}
-    member_table = {n: {"model": member_model(by_name[n]), "family": fam[n],
-                        "group": group_of.get(n), "oof_mIoU": _num(member_miou[n])}
-                    for n in sorted(names, key=lambda n: (-member_miou[n], n))}
-    weights = {"groups": chosen, "alpha": alpha, "beta": beta, "oof_mIoU": best,
-               "grid": {"alpha": grid_a, "beta": grid_b}, "classes": classes.num_classes,
-               "frames": len(frames), "fingerprint": fp,
-               "members": {n: {"group": group_of[n], "oof_mIoU": _num(member_miou[n]),
-                               "meta_sha": _meta_digest(by_name[n])} for n in sorted(group_of)},
-               "study": {"storage": f"sqlite:///{(out_dir / 'study.db').as_posix()}",
-                         "name": STUDY_NAME, "trials": len(trials)}}
-    atomic.write_json(out_dir / MEMBERS, member_table)
-    atomic.write_json(out_dir / CONFUSION, {key: np.asarray(table[key][0]).tolist() for key in ROWS})
-    atomic.write_json(out_dir / METRICS, metrics)
-    atomic.write_json(out_dir / WEIGHTS, weights)
-    return {"weights": weights, "metrics": metrics, "members": member_table}
+    return {"table": table, "trials": trials, "handle": handles[-1], "alpha": alpha,
+            "beta": beta, "best": best, "alpha_sw": alpha_sw, "chosen": chosen,
+            "single": single, "member_cms": member_cms, "grid": (grid_a, grid_b)}
 
 
 def _family_or_none(member: Member, families: Mapping[str, str], source: str, *,
@@ -710,7 +918,8 @@ def _family_or_none(member: Member, families: Mapping[str, str], source: str, *,
 
 # ----------------------------------------------------------------------------- apply
 def read_weights(path: Path) -> dict:
-    """weights.json of a search, its keys checked."""
+    """weights.json of a search, its keys checked: the groups, finite weights >= 0, and each
+    member's ``test_weights`` (see :func:`member_test_weights`) when recorded."""
     if not path.is_file():
         raise PipelineError(f"{path}: weights not found (run `python pipeline/ensemble.py "
                             f"--search` first)")
@@ -718,16 +927,52 @@ def read_weights(path: Path) -> dict:
         weights = json.loads(path.read_text())
         groups = {g: [str(n) for n in weights["groups"].get(g, [])] for g in fusion.GROUPS}
         alpha, beta = float(weights["alpha"]), float(weights["beta"])
+        members = weights.get("members") or {}
+        mixes = {str(n): {str(k): float(v) for k, v in (m.get("test_weights") or {}).items()}
+                 for n, m in members.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"{path}: corrupt weights file ({type(err).__name__}: {err})") from None
+    if not (np.isfinite(alpha) and np.isfinite(beta)):
+        raise PipelineError(f"{path}: alpha and beta must be finite numbers >= 0, got "
+                            f"alpha={alpha}, beta={beta}")
     listed = [n for g in fusion.GROUPS for n in groups[g]]
     if not groups["S"] or alpha < 0 or beta < 0 or len(set(listed)) != len(listed):
         raise PipelineError(f"{path}: needs a non-empty group S, each member in one group only "
                             f"and weights >= 0")
+    for name, mix in mixes.items():
+        values = list(mix.values())
+        folds = [v for k, v in mix.items() if k != fold_dir_name(ALL_FOLDS)]
+        if mix and (not all(np.isfinite(v) and v >= 0 for v in values)
+                    or not all(re.fullmatch(r"f(0|[1-9]\d*|all)", k) for k in mix)
+                    or abs(sum(values) - 1) > 1e-6 or max(folds, default=0) - min(folds, default=0)
+                    > 1e-9):
+            raise PipelineError(f"{path}: test_weights of member '{name}' must map run folders "
+                                f"(f<K>, fall) to finite weights >= 0 that sum to 1, equal "
+                                f"across the fold models; got {mix}")
     return {**weights, "groups": groups, "alpha": alpha, "beta": beta}
 
 
-def _apply_chunk(frames: list[Frame], *, groups: Mapping[str, list[Member]], alpha: float,
+def run_of(key: str) -> int | str:
+    """"f3" -> 3, "fall" -> "all": the fold of a run folder name (:func:`fold_dir_name`)."""
+    return ALL_FOLDS if key == fold_dir_name(ALL_FOLDS) else int(key[1:])
+
+
+def member_test(member: Member, frame_id: str, mix: Mapping[int | str, float]) -> np.ndarray:
+    """The member's full-size test map float32 [C, H, W]: the mean of its fold models' maps
+    (the runs of ``mix`` with a weight > 0 but "all") times their share, plus the ``--fold all``
+    run's map times its weight (see :func:`member_test_weights`)."""
+    folds = [f for f, w in mix.items() if f != ALL_FOLDS and w > 0]
+    w_all = float(mix.get(ALL_FOLDS, 0.0))
+    probs = member.read_test(frame_id, full_size=True, folds=folds) if folds else None
+    if w_all > 0:
+        full = member.read_test(frame_id, full_size=True, folds=[ALL_FOLDS])
+        probs = full if probs is None else (np.float32(1 - w_all) * probs
+                                            + np.float32(w_all) * full)
+    return probs
+
+
+def _apply_chunk(frames: list[Frame], *, groups: Mapping[str, list[Member]],
+                 mixes: Mapping[str, Mapping[int | str, float]], alpha: float,
                  beta: float, num_classes: int, out: Path) -> int:
     from PIL import Image
 
@@ -737,7 +982,7 @@ def _apply_chunk(frames: list[Frame], *, groups: Mapping[str, list[Member]], alp
         for group in fusion.GROUPS:
             mean = fusion.Mean()
             for member in groups[group]:
-                probs = member.read_test(frame.id, full_size=True)
+                probs = member_test(member, frame.id, mixes[member.name])
                 want = want or probs.shape
                 if probs.shape != want:
                     raise PipelineError(f"{member.root}: test map of frame '{frame.id}' is "
@@ -751,47 +996,67 @@ def _apply_chunk(frames: list[Frame], *, groups: Mapping[str, list[Member]], alp
 
 def apply_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path, workers: int = 1,
                    chunk_frames: int = 32, progress: bool = True) -> dict:
-    """Fuse the test maps (each member: mean of its fold models, full resolution) with
+    """Fuse the test maps (each member's per :func:`member_test_weights` as weights.json records
+    them: by default the mean of its fold models; full resolution) with
     ``out_dir/weights.json`` into ``out_dir/test_pred/<id>.png`` (uint8 train ids, one per
-    test frame of the manifest), written as a whole folder. Returns a small summary."""
+    test frame of the manifest), written as a whole folder. When the search fell back to the
+    best single member, weights.json lists it alone in S: its test argmax is written.
+    Returns a small summary."""
     weights = read_weights(out_dir / WEIGHTS)
-    by_name = {m.name: m for m in list_members(oof_root)}
+    names = [n for g in fusion.GROUPS for n in weights["groups"][g]]
+    found = member_names(oof_root)
+    for group, listed in weights["groups"].items():
+        for name in listed:
+            if name not in found:
+                raise PipelineError(f"{out_dir / WEIGHTS}: member '{name}' of group {group} is "
+                                    f"not in {oof_root}")
+    by_name = {m.name: m for m in list_members(oof_root, names)}
     classes_path, manifest = data_dir / "classes.json", data_dir / "manifest.csv"
     classes = read_classes(classes_path)
     if classes.num_classes > 255:
         raise PipelineError(f"{classes_path}: {classes.num_classes} classes do not fit uint8 PNGs")
-    groups: dict[str, list[Member]] = {}
-    for group, listed in weights["groups"].items():
-        for name in listed:
-            if name not in by_name:
-                raise PipelineError(f"{out_dir / WEIGHTS}: member '{name}' of group {group} is "
-                                    f"not in {oof_root}")
-        groups[group] = [by_name[n] for n in sorted(listed)]
+    groups = {group: [by_name[n] for n in sorted(listed)]
+              for group, listed in weights["groups"].items()}
     members = [m for g in fusion.GROUPS for m in groups[g]]
-    check_members(members, classes.num_classes, classes_path, full_size=True)
+    check_members(members, classes.num_classes, classes_path, full_size=True,
+                  class_names=classes.names)
     recorded = weights.get("members") if isinstance(weights.get("members"), dict) else {}
     changed = [m.name for m in members
                if (recorded.get(m.name) or {}).get("meta_sha", _meta_digest(m)) != _meta_digest(m)]
     if changed:
         print(f"warning: {', '.join(changed)} changed since the search (meta.json differs); "
               f"the weights were fitted on older maps", file=sys.stderr)
+    mixes = {}
+    for member in members:
+        mix = (recorded.get(member.name) or {}).get("test_weights") or member_test_weights(member)
+        mixes[member.name] = {run_of(k): float(v) for k, v in mix.items()}
+        lacking = [f for f in mixes[member.name] if f not in member.meta]
+        if lacking:
+            raise PipelineError(f"{out_dir / WEIGHTS}: test_weights of member '{member.name}' "
+                                f"name run {fold_dir_name(lacking[0])}, which {member.root} "
+                                f"lacks")
     frames = sorted(read_manifest(manifest, split="test"), key=lambda f: (f.video, f.frame, f.id))
     if not frames:
         raise PipelineError(f"{manifest}: no test frames to predict")
     for member in members:
-        have = set(member.test_ids())
-        missing = [f.id for f in frames if f.id not in have]
-        if missing:
-            raise PipelineError(f"{member.root}: no test map of frame '{missing[0]}' "
-                                f"({len(missing)} of {len(frames)} test frames missing)")
+        runs = [f for f, w in mixes[member.name].items() if w > 0]
+        for fold in runs:
+            have = set(member.test_ids(fold))
+            missing = [f.id for f in frames if f.id not in have]
+            if missing:
+                nowhere = not any(missing[0] in member.test_ids(r) for r in runs)
+                where = member.root if nowhere else member.run_dir(fold)
+                raise PipelineError(f"{where}: no test map of frame '{missing[0]}' "
+                                    f"({len(missing)} of {len(frames)} test frames missing)")
     with atomic.atomic_dir(out_dir / TEST_PRED) as tmp:
-        fn = functools.partial(_apply_chunk, groups=groups, alpha=weights["alpha"],
+        fn = functools.partial(_apply_chunk, groups=groups, mixes=mixes, alpha=weights["alpha"],
                                beta=weights["beta"], num_classes=classes.num_classes, out=tmp)
         for _ in fusion.run_chunks(fn, fusion.frame_chunks(frames, chunk_frames), workers=workers,
                                    progress=progress, desc="fuse test"):
             pass
     return {"frames": len(frames), "out": str(out_dir / TEST_PRED), "alpha": weights["alpha"],
-            "beta": weights["beta"], "groups": weights["groups"]}
+            "beta": weights["beta"], "groups": weights["groups"],
+            "fallback": weights.get("fallback")}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -7,15 +7,23 @@
 PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
 A submission zip written by ``pipeline/submit.py`` is decoded back to train ids per its format
 (:mod:`pipeline.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
-comes from the ``<name>.json`` beside the zip, or ``--format`` (which wins when both exist).
-The value 255 means "no prediction": it is not an error, but such a pixel counts as wrong. It
-is scored as the class after the true one, ``(gt + 1) % C``, so it lowers the true class's IoU
-and accuracy exactly like a mistake would, and also adds a false positive to that
-neighbouring class; with a single class there is no wrong class to choose. Video consistency
-compares the raw predictions, 255 included, as VSPW's script does.
+comes from the ``<name>.json`` beside the zip (checked to be that zip's), or ``--format``
+(which wins when both exist). The zip must hold each entry once, and no entry that is not a
+frame of the split: a stray entry means the zip was made for other frames (another split or
+manifest), and scoring the overlap would report a number about a set nobody chose.
+
+mIoU is the standard one (:data:`pipeline.metrics.MIOU_DEFINITION`, stated once in the table
+and the JSON): the mean over every class with TP + FP + FN > 0, so a class predicted but absent
+from the ground truth scores 0, as in MMSegmentation, the Cityscapes script and VSPW.
+The value 255 means "no prediction": it is not an error, and as in the Cityscapes script such
+a pixel on a labelled pixel is a miss (FN) of its true class and a false positive of none (the
+confusion matrix carries a "no prediction" column). Video consistency compares the raw
+predictions, 255 included, as VSPW's script does.
 
 The summary is printed as a table and written atomically as JSON beside the folder
-(``<PRED_DIR>.eval.json``, ``<name>.zip.eval.json``). A source of predictions only needs a
+(``<PRED_DIR>.eval.json``, ``<name>.zip.eval.json``); an output path that is one of the
+inputs (predictions, manifest, classes, the zip's JSON, params) is refused, and a full disk or
+a read-only folder is one ``error:`` line. A source of predictions only needs a
 ``load_pred(frame) -> HxW uint8`` callable for :func:`evaluate_predictions`.
 """
 
@@ -35,7 +43,7 @@ from pipeline import atomic, metrics
 from pipeline.config import load_section
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
 from pipeline.errors import PipelineError, run_cli
-from pipeline.formats import ZipPredictions, get_format, zip_format_name
+from pipeline.formats import ZipPredictions, get_format, sha256_of, sidecar_path, zip_format_name
 
 NO_PREDICTION = 255
 
@@ -88,7 +96,8 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
     """Score ``load_pred(frame)`` (HxW train ids, 255 = no prediction) on the labelled ``frames``.
 
     Frames are visited video by video in frame order (video consistency needs it). Returns
-    :func:`pipeline.metrics.summarize`'s dict plus ``frames`` and ``videos`` counts.
+    :func:`pipeline.metrics.summarize`'s dict (mIoU over the classes with TP + FP + FN > 0; a
+    255 on a labelled pixel is a miss of its class only) plus ``frames`` and ``videos`` counts.
     ``describe(frame)`` names a prediction in error messages (its file, say).
     """
     labelled = sorted((f for f in frames if f.mask), key=lambda f: (f.video, f.frame, f.id))
@@ -96,10 +105,10 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
         raise PipelineError("no labelled frames to evaluate")
     describe = describe or (lambda f: f"prediction of frame '{f.id}'")
     num_classes, lut = classes.num_classes, classes.lut_array()
-    # "No prediction" is scored as the class after the true one: always wrong when C > 1.
-    wrong = np.zeros(256, dtype=np.uint8)
-    wrong[:num_classes] = (np.arange(num_classes) + 1) % num_classes
-    cm = metrics.ConfusionMatrix(num_classes=num_classes, ignore_index=classes.ignore_index)
+    # "No prediction" pixels fill a column of their own: misses of their true class only.
+    # With more than 255 classes, 255 is a class and there is no such value.
+    cm = metrics.ConfusionMatrix(num_classes=num_classes, ignore_index=classes.ignore_index,
+                                 no_prediction=NO_PREDICTION if num_classes <= NO_PREDICTION else None)
     vc = metrics.VideoConsistency(windows=metrics.VC_WINDOWS)
     videos = 0
     with tqdm(total=len(labelled), desc="evaluate", unit="frame", disable=not progress) as bar:
@@ -109,10 +118,7 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
                 gt = read_mask(frame.mask, lut)
                 pred = _checked_prediction(load_pred(frame), gt, num_classes=num_classes,
                                            name=describe(frame), frame=frame)
-                scored = pred
-                if pred.max(initial=0) == NO_PREDICTION and num_classes <= NO_PREDICTION:
-                    scored = np.where(pred == NO_PREDICTION, wrong[gt], pred)
-                cm.update(gt, scored)
+                cm.update(gt, pred)
                 vc.add_frame(gt, pred)
                 bar.update()
             vc.end_video()
@@ -139,20 +145,34 @@ def labelled_frames(manifest: str | os.PathLike, split: str) -> list[Frame]:
     return frames
 
 
+def _inputs(pred: Path, manifest: Path, classes_path: Path, *, side: Path | None = None,
+            params: str | os.PathLike | None = None) -> dict:
+    """What the stage reads, for :func:`pipeline.atomic.refuse_overwrite`."""
+    return {"the predictions": pred, "the manifest": manifest, "the classes file": classes_path,
+            "the submission JSON": side, "the params file": params}
+
+
+def _classes_path(manifest: Path, classes_path: str | os.PathLike | None) -> Path:
+    return Path(classes_path) if classes_path else manifest.parent / "classes.json"
+
+
 def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
                     classes_path: str | os.PathLike | None = None, split: str = "test",
                     out: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Evaluate ``pred_dir`` on ``split`` of ``manifest`` and write the summary JSON to ``out``.
 
     ``classes_path`` defaults to ``classes.json`` beside the manifest, ``out`` to
-    :func:`default_out`. Returns the summary that was written.
+    :func:`default_out`; an ``out`` that is one of the inputs is refused. Returns the summary
+    that was written.
     """
     pred_dir, manifest = Path(pred_dir), Path(manifest)
+    classes_path = _classes_path(manifest, classes_path)
+    out = Path(out) if out else default_out(pred_dir)
+    atomic.refuse_overwrite(out, _inputs(pred_dir, manifest, classes_path))
     if not pred_dir.exists():
         raise PipelineError(f"{pred_dir}: prediction folder not found")
     if not pred_dir.is_dir():
         raise PipelineError(f"{pred_dir}: not a folder of <id>.png predictions")
-    classes_path = Path(classes_path) if classes_path else manifest.parent / "classes.json"
     classes = read_classes(classes_path)
     frames = labelled_frames(manifest, split)
     source = FolderPredictions(pred_dir)
@@ -161,7 +181,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
 
 
 def _score(source, frames: Sequence[Frame], classes, *, pred: Path, split: str, what: str,
-           out: str | os.PathLike | None, progress: bool, **facts) -> dict:
+           out: Path, progress: bool, **facts) -> dict:
     """Check that ``source`` covers every frame, evaluate, and write the summary JSON."""
     missing = source.missing(frames)
     if missing:
@@ -170,7 +190,8 @@ def _score(source, frames: Sequence[Frame], classes, *, pred: Path, split: str, 
     summary = evaluate_predictions(frames, classes, source, describe=source.describe,
                                    progress=progress)
     summary.update(split=split, predictions=str(pred), **facts)
-    atomic.write_json(out or default_out(pred), summary)
+    with atomic.output_errors(out):
+        atomic.write_json(out, summary)
     return summary
 
 
@@ -180,19 +201,32 @@ def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
                  vspw_offset: int | None = None, progress: bool = True) -> dict:
     """Evaluate a submission zip like :func:`evaluate_folder`, decoding its entries to train ids.
 
-    ``fmt`` / ``vspw_offset`` default to the values in the JSON beside the zip (submit.py's).
+    ``fmt`` / ``vspw_offset`` default to the values in the JSON beside the zip (submit.py's),
+    which must describe this zip (its sha256). An entry name found twice, an entry of no frame
+    of ``split`` (labelled or not) and an entry larger than its frame's PNG can be are errors.
+    The summary also holds the zip's ``sha256``, so a reader can tell which zip was scored.
     """
     zip_path, manifest = Path(zip_path), Path(manifest)
+    classes_path = _classes_path(manifest, classes_path)
+    out = Path(out) if out else default_out(zip_path)
+    atomic.refuse_overwrite(out, _inputs(zip_path, manifest, classes_path,
+                                         side=sidecar_path(zip_path)))
     if not zip_path.is_file():
         raise PipelineError(f"{zip_path}: submission zip not found")
-    classes_path = Path(classes_path) if classes_path else manifest.parent / "classes.json"
     classes = read_classes(classes_path)
     name, offset = zip_format_name(zip_path, fmt=fmt, vspw_offset=vspw_offset)
     submission = get_format(name, dataset=classes.dataset, vspw_offset=offset)
     frames = labelled_frames(manifest, split)
+    split_frames = [f for f in read_manifest(manifest) if f.split == split]
     with ZipPredictions(zip_path, fmt=submission, num_classes=classes.num_classes) as source:
+        stray = source.unmatched(split_frames)
+        if stray:
+            raise PipelineError(f"{zip_path}: {len(stray)} entr(ies) match no '{split}' frame of "
+                                f"{manifest}; first: '{stray[0]}' (the {submission.name} layout "
+                                f"is {submission.layout})")
         return _score(source, frames, classes, pred=zip_path, split=split, what="entry", out=out,
-                      progress=progress, format=submission.name, manifest=str(manifest))
+                      progress=progress, format=submission.name, sha256=sha256_of(zip_path),
+                      manifest=str(manifest))
 
 
 def is_zip(path: str | os.PathLike) -> bool:
@@ -215,14 +249,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="zip only, vspw format: 0 or 1 (default: from <name>.json, else 0)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    params = load_section(EvaluateParams, "evaluate", args.params, overrides={"split": args.split})
     out = Path(args.out) if args.out else default_out(args.pred)
+    pred, manifest = Path(args.pred), Path(args.manifest)
+    atomic.refuse_overwrite(out, _inputs(pred, manifest, _classes_path(manifest, args.classes),
+                                         side=sidecar_path(pred) if is_zip(pred) else None,
+                                         params=args.params))
+    params = load_section(EvaluateParams, "evaluate", args.params, overrides={"split": args.split})
     if not params.require_labels and not any(
             f.split == params.split and f.mask for f in read_manifest(args.manifest)):
         summary = {"split": params.split, "frames": 0, "mIoU": None, "predictions": str(args.pred),
                    "note": f"split '{params.split}' has no labels here: nothing scored "
                            f"(the challenge's server scores it)"}
-        atomic.write_json(out, summary)
+        with atomic.output_errors(out):
+            atomic.write_json(out, summary)
         print(f"{summary['note']}\nwrote {out}")
         return summary
     if is_zip(args.pred):

@@ -105,20 +105,22 @@ def fuse_labels(ps: np.ndarray, pw: np.ndarray | None, pa: np.ndarray | None, *,
 
 # ----------------------------------------------------------------------------- grid scores
 def miou_from_counts(tp: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """mIoU from per-class counts: IoU = tp / (gt + pred - tp) averaged over the classes with
-    gt > 0, with the very operations of :func:`pipeline.metrics.mean_iou` on a confusion
-    matrix (so both give the same float).
+    """mIoU from per-class counts: IoU = tp / (gt + pred - tp) averaged over the classes whose
+    union gt + pred - tp is > 0 (:data:`pipeline.metrics.MIOU_DEFINITION`: a class predicted
+    but absent from the ground truth counts with IoU 0), with the very operations of
+    :func:`pipeline.metrics.mean_iou` on a confusion matrix (so both give the same float).
 
-    ``tp``, ``pred``: int [..., C]; ``gt``: int [C]. Returns float64 [...] (nan without gt).
+    ``tp``, ``pred``: int [..., C]; ``gt``: int [C]. Returns float64 [...] (nan where no class
+    has a union).
     """
     tp, pred, gt = np.asarray(tp), np.asarray(pred), np.asarray(gt)
-    present = gt > 0
     flat_tp, flat_pred = tp.reshape(-1, tp.shape[-1]), pred.reshape(-1, tp.shape[-1])
     out = np.full(flat_tp.shape[0], np.nan)
-    if present.any():
-        for i, (t, p) in enumerate(zip(flat_tp, flat_pred)):
-            iou = t[present].astype(np.float64) / (p + gt - t)[present].astype(np.float64)
-            out[i] = iou.mean()
+    for i, (t, p) in enumerate(zip(flat_tp, flat_pred)):
+        union = p + gt - t
+        valid = union > 0  # the set of classes differs from one grid point to the next
+        if valid.any():
+            out[i] = (t[valid].astype(np.float64) / union[valid].astype(np.float64)).mean()
     return out.reshape(tp.shape[:-1])
 
 

@@ -76,8 +76,7 @@ def _prepare_dir(out_dir: Path, fingerprint: dict) -> bool:
         except json.JSONDecodeError:
             same = False
         if same:
-            for tmp in out_dir.rglob(".*.tmp"):  # a map write cut short by a kill (atomic_path)
-                tmp.unlink(missing_ok=True)
+            atomic.remove_stale_tmp(out_dir, recursive=True)  # map writes cut short by a kill
             return True
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -264,14 +264,19 @@ class CombinedLoss(nn.Module):
         return any(getattr(p, "needs_teacher", False) for p in self.parts.values())
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, *,
-                teacher_logits: torch.Tensor | None = None
+                teacher_logits: torch.Tensor | None = None,
+                student_logits: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``student_logits`` (default ``logits``) are what the teacher parts compare with
+        ``teacher_logits``: the training engine passes the student's logits without its
+        logit-adjustment prior there, as the teacher's are (see pipeline.engine)."""
         total, values = logits.new_zeros((), dtype=torch.float32), {}
         for name, part in self.parts.items():
             if getattr(part, "needs_teacher", False):
                 if teacher_logits is None:
                     raise ValueError(f"loss part '{name}' needs teacher_logits")
-                value = part(logits, teacher_logits, target)
+                value = part(logits if student_logits is None else student_logits,
+                             teacher_logits, target)
             else:
                 value = part(logits, target)
             total = total + self.weights[name] * value

@@ -4,10 +4,16 @@ Pure numpy; knows nothing of models or files. Conventions:
 
 * Confusion matrix ``cm[g, p]``: int64 [C, C], rows = ground truth, columns = prediction.
   Ground-truth pixels equal to ``ignore_index`` are skipped; a prediction outside 0..C-1 on a
-  labelled pixel is a ``ValueError`` (callers decide what "no prediction" means beforehand).
-* IoU of class c = TP / (TP + FP + FN), nan when that denominator is 0. mIoU averages over the
-  classes that have ground-truth pixels only: a class absent from the ground truth is left out
-  even if it was predicted (its false positives still lower the IoU of the true classes).
+  labelled pixel is a ``ValueError``, unless it is the ``no_prediction`` value: then the matrix
+  is [C, C + 1] and its last column counts, per true class, the labelled pixels left without a
+  prediction. Such a pixel is a miss (FN) of its true class and a false positive of no class,
+  as in the Cityscapes script. Every score below takes either shape.
+* IoU of class c = TP / (TP + FP + FN), nan when that denominator is 0. mIoU
+  (:data:`MIOU_DEFINITION`) averages over every class whose union TP + FP + FN is non-zero, as
+  MMSegmentation's IoU metric, the Cityscapes script and the VSPW Evaluator do: a class that
+  is predicted but absent from the ground truth scores 0 and counts; only a class neither in
+  the ground truth nor predicted is left out. Mean class accuracy (recall) averages over the
+  classes with ground-truth pixels, where it is defined.
 * Video consistency mVC_n follows the VSPW script: for a video of C > n frames and each window
   start i in range(C - n) (the last possible window is skipped, as there), G = pixels whose
   ground truth is constant over frames i..i+n-1, P = pixels whose prediction is, and the window
@@ -23,13 +29,16 @@ import numpy as np
 
 IGNORE_INDEX = 255
 VC_WINDOWS = (8, 16)
+MIOU_DEFINITION = "mean over classes with TP+FP+FN > 0"
 _CHUNK = 1 << 20  # pixels per bincount call: keeps the uint16 index buffer in cache
 
 
 # ----------------------------------------------------------------------------- confusion matrix
-def _cm_uint8(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+def _cm_uint8(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int,
+              no_prediction: int | None) -> np.ndarray:
     # One bincount of (gt << 8 | pred) over a 256x256 table; no boolean-mask gathers. Void and
-    # out-of-range values land in rows/columns of their own and are checked or dropped after.
+    # out-of-range values land in rows/columns of their own and are checked or dropped after;
+    # the no-prediction column is one of them, so misses cost nothing extra.
     gt, pred = gt.ravel(), pred.ravel()
     hist = np.zeros(65536, dtype=np.int64)
     buf = np.empty(min(_CHUNK, gt.size), dtype=np.uint16)
@@ -46,35 +55,47 @@ def _cm_uint8(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: 
     if bad_gt.size:
         raise ValueError(f"ground-truth value {int(bad_gt[0]) + c} is neither a class "
                          f"(0..{c - 1}) nor ignore ({ignore_index})")
-    bad_pred = np.nonzero(hist[:c, c:].sum(axis=0))[0]
+    outside = hist[:c, c:].sum(axis=0)
+    if no_prediction is not None:
+        outside[no_prediction - c] = 0
+    bad_pred = np.nonzero(outside)[0]
     if bad_pred.size:
         raise ValueError(f"prediction value {int(bad_pred[0]) + c} on a labelled pixel is "
                          f"outside 0..{c - 1}")
-    return hist[:c, :c].copy()
+    if no_prediction is None:
+        return hist[:c, :c].copy()
+    return np.concatenate([hist[:c, :c], hist[:c, no_prediction:no_prediction + 1]], axis=1)
 
 
-def _cm_generic(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+def _cm_generic(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int,
+                no_prediction: int | None) -> np.ndarray:
     g, p = gt.ravel().astype(np.intp), pred.ravel().astype(np.intp)
     labelled = g != ignore_index
     if ((g < 0) | (g >= num_classes))[labelled].any():
         bad = g[labelled & ((g < 0) | (g >= num_classes))][0]
         raise ValueError(f"ground-truth value {int(bad)} is neither a class "
                          f"(0..{num_classes - 1}) nor ignore ({ignore_index})")
-    out = labelled & ((p < 0) | (p >= num_classes))
+    cols = num_classes
+    if no_prediction is not None:
+        p = np.where(p == no_prediction, num_classes, p)  # the extra "no prediction" column
+        cols += 1
+    out = labelled & ((p < 0) | (p >= cols))
     if out.any():
-        raise ValueError(f"prediction value {int(p[out][0])} on a labelled pixel is "
+        raise ValueError(f"prediction value {int(pred.ravel()[out][0])} on a labelled pixel is "
                          f"outside 0..{num_classes - 1}")
-    idx = np.where(labelled, g * num_classes + p, num_classes * num_classes)
-    counts = np.bincount(idx, minlength=num_classes * num_classes + 1)
-    return counts[:-1].reshape(num_classes, num_classes).astype(np.int64)
+    idx = np.where(labelled, g * cols + p, num_classes * cols)
+    counts = np.bincount(idx, minlength=num_classes * cols + 1)
+    return counts[:-1].reshape(num_classes, cols).astype(np.int64)
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, *, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+                     ignore_index: int = IGNORE_INDEX, no_prediction: int | None = None) -> np.ndarray:
     """Confusion matrix of one or many label maps.
 
     ``gt`` and ``pred``: integer arrays of the same shape (any, e.g. HxW or NxHxW) holding train
-    ids. Returns int64 [num_classes, num_classes], rows = ground truth, columns = prediction.
+    ids. Returns int64 [num_classes, num_classes], rows = ground truth, columns = prediction;
+    with ``no_prediction`` (a value >= num_classes, e.g. 255) int64 [C, C + 1], whose last
+    column counts the labelled pixels predicted as that value (misses of their true class).
     uint8 inputs take a fast path (300-500 Mpix/s on one core); other integer dtypes work too.
     """
     gt, pred = np.asarray(gt), np.asarray(pred)
@@ -82,27 +103,40 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, *, num_classes: int,
         raise ValueError(f"ground truth shape {gt.shape} differs from prediction shape {pred.shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if no_prediction is not None and 0 <= no_prediction < num_classes:
+        raise ValueError(f"no_prediction value {no_prediction} is a class (0..{num_classes - 1})")
     if (gt.dtype == np.uint8 and pred.dtype == np.uint8 and num_classes <= 256
-            and 0 <= ignore_index <= 255):
-        return _cm_uint8(gt, pred, num_classes, ignore_index)
-    return _cm_generic(gt, pred, num_classes, ignore_index)
+            and 0 <= ignore_index <= 255 and (no_prediction is None or no_prediction <= 255)):
+        return _cm_uint8(gt, pred, num_classes, ignore_index, no_prediction)
+    return _cm_generic(gt, pred, num_classes, ignore_index, no_prediction)
 
 
 class ConfusionMatrix:
-    """Accumulates :func:`confusion_matrix` over frames; ``merge`` adds another accumulator."""
+    """Accumulates :func:`confusion_matrix` over frames; ``merge`` adds another accumulator.
 
-    def __init__(self, *, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    ``matrix`` is int64 [C, C], or [C, C + 1] with a ``no_prediction`` value (its last column:
+    labelled pixels left without a prediction)."""
+
+    def __init__(self, *, num_classes: int, ignore_index: int = IGNORE_INDEX,
+                 no_prediction: int | None = None):
+        if no_prediction is not None and 0 <= no_prediction < num_classes:
+            raise ValueError(f"no_prediction value {no_prediction} is a class (0..{num_classes - 1})")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.no_prediction = no_prediction
+        cols = num_classes + (no_prediction is not None)
+        self.matrix = np.zeros((num_classes, cols), dtype=np.int64)
 
     def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
         self.matrix += confusion_matrix(gt, pred, num_classes=self.num_classes,
-                                        ignore_index=self.ignore_index)
+                                        ignore_index=self.ignore_index,
+                                        no_prediction=self.no_prediction)
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
-        if other.matrix.shape != self.matrix.shape or other.ignore_index != self.ignore_index:
-            raise ValueError("cannot merge confusion matrices of different classes or ignore index")
+        if (other.matrix.shape != self.matrix.shape or other.ignore_index != self.ignore_index
+                or other.no_prediction != self.no_prediction):
+            raise ValueError("cannot merge confusion matrices of different classes, ignore index "
+                             "or no-prediction value")
         self.matrix += other.matrix
         return self
 
@@ -114,27 +148,49 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
+def class_counts(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, predicted, gt) int [C] each of a [C, C] or [C, C + 1] matrix: ``predicted`` counts
+    the pixels predicted as each class, ``gt`` the labelled pixels of each (misses included)."""
+    cm = np.asarray(cm)
+    c = cm.shape[0]
+    if cm.ndim != 2 or cm.shape[1] not in (c, c + 1):
+        raise ValueError(f"confusion matrix must be [C, C] or [C, C + 1], got {list(cm.shape)}")
+    classes = cm[:, :c]
+    return np.diag(classes), classes.sum(axis=0), cm.sum(axis=1)
+
+
+def _union(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tp, predicted, gt = class_counts(cm)
+    return tp, predicted + gt - tp
+
+
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
     """[C] float64: TP / (TP + FP + FN) per class, nan when the class is neither in gt nor pred."""
-    tp = np.diag(cm)
-    return _ratio(tp, cm.sum(axis=0) + cm.sum(axis=1) - tp)
+    tp, union = _union(cm)
+    return _ratio(tp, union)
 
 
 def mean_iou(cm: np.ndarray) -> float:
-    """Mean IoU over the classes with ground-truth pixels (absent classes are excluded even if
-    predicted); nan when no pixel is labelled."""
-    present = cm.sum(axis=1) > 0
-    return float(iou_per_class(cm)[present].mean()) if present.any() else float("nan")
+    """Mean IoU over the classes with TP + FP + FN > 0 (:data:`MIOU_DEFINITION`): a class that
+    is predicted but absent from the ground truth counts with IoU 0. nan when no class has a
+    union (no labelled pixel). :func:`pipeline.fusion.miou_from_counts` repeats these very
+    operations on per-class counts: keep the two in step."""
+    tp, union = _union(cm)
+    valid = union > 0
+    return float(_ratio(tp, union)[valid].mean()) if valid.any() else float("nan")
 
 
 def class_accuracy(cm: np.ndarray) -> np.ndarray:
-    """[C] float64 recall TP / (TP + FN) per class, nan for classes absent from the gt."""
-    return _ratio(np.diag(cm), cm.sum(axis=1))
+    """[C] float64 recall TP / (TP + FN) per class (misses count as FN), nan for classes absent
+    from the gt."""
+    tp, _, gt = class_counts(cm)
+    return _ratio(tp, gt)
 
 
 def pixel_accuracy(cm: np.ndarray) -> float:
     """Fraction of labelled pixels predicted correctly (nan when none is labelled)."""
-    return float(_ratio(np.trace(cm), cm.sum()))
+    tp, _, gt = class_counts(cm)
+    return float(_ratio(tp.sum(), gt.sum()))
 
 
 # ----------------------------------------------------------------------------- video consistency
@@ -259,29 +315,36 @@ def _num(value: float) -> float | None:
 
 def summarize(cm: np.ndarray, *, class_names: Sequence[str],
               vc: Mapping[int, float] | None = None) -> dict:
-    """JSON-ready summary (fractions in 0..1, nan -> None) of a confusion matrix and mVC values.
+    """JSON-ready summary (fractions in 0..1, nan -> None) of a confusion matrix ([C, C], or
+    [C, C + 1] with a no-prediction column) and mVC values.
 
-    Keys: mIoU, pixel_accuracy, mean_class_accuracy, mVC8, mVC16 (None when ``vc`` lacks them,
-    plus mVC<n> for any other n in ``vc``), labelled_pixels, and per_class {name: {iou,
-    accuracy, gt_pixels, pred_pixels}}.
+    Keys: mIoU, miou_definition (:data:`MIOU_DEFINITION`, the one place the definition is
+    written), pixel_accuracy, mean_class_accuracy (over the classes with ground-truth pixels:
+    recall is undefined elsewhere), mVC8, mVC16 (None when ``vc`` lacks them, plus mVC<n> for
+    any other n in ``vc``), labelled_pixels, unpredicted_pixels (labelled pixels without a
+    prediction, 0 for a [C, C] matrix), and per_class {name: {iou, accuracy, gt_pixels,
+    pred_pixels}}.
     """
     cm = np.asarray(cm)
     if len(class_names) != cm.shape[0] or len(set(class_names)) != len(class_names):
         raise ValueError(f"need {cm.shape[0]} distinct class names, got {len(class_names)}")
+    _, predicted, gt = class_counts(cm)
     iou, acc = iou_per_class(cm), class_accuracy(cm)
-    present = cm.sum(axis=1) > 0
+    present = gt > 0
     summary: dict = {
         "mIoU": _num(mean_iou(cm)),
+        "miou_definition": MIOU_DEFINITION,
         "pixel_accuracy": _num(pixel_accuracy(cm)),
         "mean_class_accuracy": _num(acc[present].mean() if present.any() else float("nan")),
     }
     vc = dict(vc or {})
     for n in sorted(set(VC_WINDOWS) | set(vc)):
         summary[f"mVC{n}"] = _num(vc.get(n))
-    summary["labelled_pixels"] = int(cm.sum())
+    summary["labelled_pixels"] = int(gt.sum())
+    summary["unpredicted_pixels"] = int(gt.sum() - predicted.sum())
     summary["per_class"] = {
         name: {"iou": _num(iou[c]), "accuracy": _num(acc[c]),
-               "gt_pixels": int(cm[c].sum()), "pred_pixels": int(cm[:, c].sum())}
+               "gt_pixels": int(gt[c]), "pred_pixels": int(predicted[c])}
         for c, name in enumerate(class_names)}
     return summary
 
@@ -301,4 +364,10 @@ def format_table(summary: dict) -> str:
     totals = [("mIoU", "mIoU"), ("pixel acc", "pixel_accuracy"), ("mean acc", "mean_class_accuracy")]
     totals += [(key, key) for key in summary if key.startswith("mVC")]
     lines.append("  ".join(f"{label} {_pct(summary[key])}" for label, key in totals))
+    notes = [f"mIoU = {summary['miou_definition']}"] if summary.get("miou_definition") else []
+    if summary.get("unpredicted_pixels"):
+        notes.append(f"{summary['unpredicted_pixels']} labelled pixel(s) without a prediction "
+                     "count as misses of their class")
+    if notes:
+        lines.append("; ".join(notes))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ poorly, and the 1x1 classifier loses the 3x3 conv's spatial context).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -27,7 +28,7 @@ import math
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import segmentation_models_pytorch as smp
 import timm
@@ -153,15 +154,17 @@ def model_config(*, arch: str, encoder: str, num_classes: int, weights: str | No
 class _PriorBias:
     """The fixed logit-adjustment bias ``tau * log(prior)``: a non-persistent buffer (rebuilt
     from the config, never learned) that :meth:`_add_prior` adds in train mode, and in eval
-    mode only when ``keep_prior_at_eval``. Mixed into an ``nn.Module``."""
+    mode only when ``keep_prior_at_eval``; never inside :func:`without_prior`. Mixed into an
+    ``nn.Module``."""
 
     def _init_prior(self, prior: Sequence[float], *, tau: float, keep_prior_at_eval: bool) -> None:
         self.tau, self.keep_prior_at_eval = float(tau), bool(keep_prior_at_eval)
+        self.prior_off = False  # set by without_prior()
         bias = logit_adjustment_bias(prior, tau=self.tau, eps=PRIOR_FLOOR)
         self.register_buffer("prior_bias", bias, persistent=False)
 
     def _add_prior(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.training or self.keep_prior_at_eval:
+        if not self.prior_off and (self.training or self.keep_prior_at_eval):
             logits = logits + self.prior_bias.view(1, -1, 1, 1).to(logits.dtype)
         return logits
 
@@ -214,6 +217,36 @@ class PriorAdjustedConv(_PriorBias, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._prior_repr()}"
+
+
+def _prior_heads(model: nn.Module) -> list[_PriorBias]:
+    return [m for m in unwrap_model(model).modules() if isinstance(m, _PriorBias)]
+
+
+@contextlib.contextmanager
+def without_prior(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` returns its bare logits ``f(x)``: a logit-adjusted head adds
+    no prior bias, whatever its mode. A model without such a head is unaffected."""
+    heads = _prior_heads(model)
+    before = [head.prior_off for head in heads]
+    for head in heads:
+        head.prior_off = True
+    try:
+        yield model
+    finally:
+        for head, off in zip(heads, before):
+            head.prior_off = off
+
+
+def add_prior(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [N, C, H, W] plus the prior bias ``model``'s head adds in its present mode (train
+    mode, or eval with ``keep_prior_at_eval``): for bare logits from :func:`without_prior`, what
+    ``model(x)`` gives. Bit for bit when the head is the network's last step (Unet and the other
+    archs whose head does not upsample); after an upsampling head (FPN) up to rounding, as the
+    bias then comes after the interpolation rather than before it."""
+    for head in _prior_heads(model):
+        logits = head._add_prior(logits)
+    return logits
 
 
 def _install_la_head(model: nn.Module, num_classes: int, spec: dict) -> None:

@@ -19,18 +19,25 @@ Each lane gets ``OMP_NUM_THREADS`` = cores / jobs on CPU, or one GPU via
 ``CUDA_VISIBLE_DEVICES`` with ``--gpus``. A lane's output goes to ``logs/<target>.log``; a failed
 lane stops new launches and shows its log's tail. Interrupting is safe: training resumes from
 its last checkpoint and inference from the maps already written on the next run.
+
+Every ``dvc`` command runs in a process group of its own, so a lane never outlives this script:
+SIGTERM or SIGINT (Ctrl-C) is passed on to every running group, the script waits for them to
+end and exits 128 + the signal's number (a second signal kills the groups at once). DVC's lock
+is then free for the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -72,12 +79,84 @@ def _dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+class Lanes:
+    """The commands this script runs, each in a session (process group) of its own.
+
+    Their own groups keep a terminal's Ctrl-C from reaching them behind this script's back;
+    :meth:`stop`, installed by :meth:`handling_signals`, passes SIGTERM/SIGINT on to every
+    group instead, and no command starts after it. ``signal`` is the first signal received.
+    """
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()  # between launching threads; never taken by stop()
+        self.signal: int | None = None
+
+    def call(self, cmd: Sequence[str], **popen) -> int:
+        """Run ``cmd`` in a new session, wait and return its exit code (-signal when stopped
+        before it started)."""
+        with self._lock:
+            if self.signal is not None:
+                return -self.signal
+            proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+            self._procs.add(proc)
+        if self.signal is not None:  # a signal came between the launch and the add
+            _killpg(proc, self.signal)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop(self, signum: int, frame=None) -> None:
+        """Signal handler: pass ``signum`` on to every running group (SIGKILL on a repeat)."""
+        repeat = self.signal is not None
+        if not repeat:
+            self.signal = signum
+        procs = list(self._procs)
+        name = signal.Signals(signum).name
+        note = (f"{name} again: killing {len(procs)} lane(s)\n" if repeat else
+                f"{name}: passed on to {len(procs)} lane(s); waiting for them to end "
+                f"(send it again to kill them)\n")
+        os.write(sys.stderr.fileno(), f"parallel.py: {note}".encode())
+        for proc in procs:
+            _killpg(proc, signal.SIGKILL if repeat else signum)
+
+    def exit_if_stopped(self) -> None:
+        """After the lanes have ended: exit 128 + signal if a signal stopped them."""
+        if self.signal is not None:
+            print(f"parallel.py: stopped by {signal.Signals(self.signal).name}; every lane has "
+                  f"ended (finished members are kept: run this again to go on)", file=sys.stderr)
+            sys.exit(128 + self.signal)
+
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator["Lanes"]:
+        """Install :meth:`stop` for SIGTERM and SIGINT (main thread only), restore on exit."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _killpg(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)  # its own session: the group id is its pid
+    except (ProcessLookupError, PermissionError):
+        pass  # the group has ended already
+
+
 def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str], logs: Path,
-              dry_run: bool = False) -> None:
+              dry_run: bool = False, lanes: Lanes | None = None) -> None:
     """``dvc --wait-for-lock repro -s STAGE`` for the stages of every chain in order, ``jobs``
-    chains at a time."""
+    chains at a time, run by ``lanes`` (after a signal: no new chain, wait for the running)."""
     if not chains:
         return
+    lanes = lanes or Lanes()
     cores = os.cpu_count() or 1
     if not dry_run:
         logs.mkdir(parents=True, exist_ok=True)
@@ -100,7 +179,7 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
             with open(log_path(logs, chain[-1]), "w") as log:
                 log.write(f"$ {shlex.join(cmd[2:])}\n")
                 log.flush()
-                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                code = lanes.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             return chain[-1], code, time.monotonic() - start
         finally:
             with lock:
@@ -110,7 +189,7 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
     done = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while todo or running:
-            while todo and len(running) < jobs and not failed:
+            while todo and len(running) < jobs and not failed and lanes.signal is None:
                 running.add(pool.submit(one, todo.pop(0)))
             if not running:
                 break
@@ -124,6 +203,7 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
                           flush=True)
                 if code:
                     failed.append(target)
+    lanes.exit_if_stopped()
     if failed:
         log = log_path(logs, failed[0])
         tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
@@ -149,16 +229,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       student_seeds=train.student_seeds)
     steps = [("prepare and folds", [_dvc("repro", "folds")]), ("members", teachers),
              ("students", pupils), ("the rest", [_dvc("repro")])]
-    for title, work in steps:
-        if not work:
-            continue
-        print(f"== {title}", flush=True)
-        if title in ("members", "students"):
-            run_lanes(work, jobs=args.jobs, gpus=gpus, logs=Path(args.logs), dry_run=args.dry_run)
-        elif args.dry_run:
-            print(f"  {shlex.join(work[0][2:])}")
-        elif subprocess.call(work[0]) != 0:
-            raise PipelineError(f"`{shlex.join(work[0][2:])}` failed (see above)")
+    with Lanes().handling_signals() as lanes:
+        for title, work in steps:
+            if not work:
+                continue
+            print(f"== {title}", flush=True)
+            if title in ("members", "students"):
+                run_lanes(work, jobs=args.jobs, gpus=gpus, logs=Path(args.logs),
+                          dry_run=args.dry_run, lanes=lanes)
+            elif args.dry_run:
+                print(f"  {shlex.join(work[0][2:])}")
+            else:
+                code = lanes.call(work[0])
+                lanes.exit_if_stopped()
+                if code != 0:
+                    raise PipelineError(f"`{shlex.join(work[0][2:])}` failed (see above)")
 
 
 if __name__ == "__main__":

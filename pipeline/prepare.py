@@ -4,6 +4,8 @@
 
 Writes ``<out>/manifest.csv``, ``<out>/classes.json`` and ``<out>/class_counts.npz`` (plus the
 demo's images) as one atomic folder: on any error the previous output, or nothing, remains.
+The folder is replaced whole, so it must be absent, empty or an earlier output (it holds
+``manifest.csv``); the current directory, its parents and the dataset root are refused.
 The library part is :func:`prepare_dataset`; ``main`` only reads params and prints a summary.
 """
 
@@ -22,8 +24,8 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_dir
 from pipeline.config import DEFAULT_PARAMS, load_section
 from pipeline.data.adapters import ADAPTERS, build_dataset, get_adapter, parse_options
-from pipeline.data.manifest import (IGNORE_INDEX, ClassInfo, Frame, map_mask, read_image, read_raw_mask,
-                                    write_class_counts, write_classes, write_manifest)
+from pipeline.data.manifest import (IGNORE_INDEX, ClassInfo, Frame, frame_digest, map_mask, read_image,
+                                    read_raw_mask, write_class_counts, write_classes, write_manifest)
 from pipeline.errors import PipelineError, run_cli
 
 
@@ -33,7 +35,8 @@ def check_frame(frame: Frame, *, lut: np.ndarray, num_classes: int) -> tuple[Fra
 
     The image must be RGB; a train frame must have a mask of the same size whose raw values all
     map through ``lut`` (256 entries) to a class or void. Counts: [num_classes] int64 pixels per
-    train id (void excluded), or None for a frame without a mask.
+    train id (void excluded), or None for a frame without a mask. The returned frame carries
+    ``digest`` (:func:`frame_digest` of its image and mask bytes), which training runs record.
     """
     image = read_image(frame.image)
     height, width = image.shape[:2]
@@ -42,8 +45,9 @@ def check_frame(frame: Frame, *, lut: np.ndarray, num_classes: int) -> tuple[Fra
         if frame.split == "train":
             expected = f" (expected {frame.mask})" if frame.mask else ""
             raise PipelineError(f"{frame.image}: missing mask for train image{expected}")
-        return dataclasses.replace(frame, mask=None), None
+        return dataclasses.replace(frame, mask=None, digest=frame_digest(frame.image, None)), None
     mask = map_mask(read_raw_mask(frame.mask), lut, path=frame.mask)
+    frame = dataclasses.replace(frame, digest=frame_digest(frame.image, frame.mask))
     if mask.shape != (height, width):
         raise PipelineError(f"{frame.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
                             f"{frame.image} is {width}x{height} (width x height)")
@@ -74,6 +78,44 @@ class PrepareResult:
     classes: ClassInfo
 
 
+def check_output_folder(out: str | Path, *, root: str | Path | None = None) -> Path:
+    """Refuse an output folder that prepare must not replace; return it resolved.
+
+    The folder is replaced whole, so it must be absent, empty or an earlier prepare output
+    (it holds ``manifest.csv``), and it may not be the current directory, one of its parents,
+    nor the dataset ``root`` or a folder containing it.
+    """
+    o = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if o == cwd or o in cwd.parents:
+        raise PipelineError(f"{o}: output folder is the current directory or contains it; prepare "
+                            f"replaces its output folder whole: pick a subfolder (--out, prepare.out)")
+    if root:
+        r = Path(root).expanduser().resolve()
+        if r == o or o in r.parents:
+            raise PipelineError(f"{r}: dataset root lies inside the output folder {o}, which prepare replaces")
+    if o.exists() and not o.is_dir():
+        raise PipelineError(f"{o}: output path is a file, not a folder (--out, prepare.out)")
+    if o.is_dir() and not (o / "manifest.csv").is_file() and any(o.iterdir()):
+        raise PipelineError(f"{o}: output folder holds files but no manifest.csv, so it is not an "
+                            f"earlier prepare output; prepare replaces it whole: empty it or pick "
+                            f"another folder (--out, prepare.out)")
+    return o
+
+
+def check_video_sizes(frames: Sequence[Frame]) -> None:
+    """Refuse a video (of one split) whose checked frames differ in size, naming two of them:
+    later stages stack a video's frames and compare consecutive ones."""
+    first: dict[tuple[str, str], Frame] = {}
+    for f in frames:
+        ref = first.setdefault((f.split, f.video), f)
+        if (f.height, f.width) != (ref.height, ref.width):
+            raise PipelineError(
+                f"{f.image}: frame is {f.width}x{f.height} but {ref.image} of the same video "
+                f"'{f.video}' is {ref.width}x{ref.height} (width x height); a video's frames "
+                f"must share one size")
+
+
 def prepare_dataset(*, dataset: str, root: str | Path | None, out: str | Path, options: Any,
                     workers: int = 1) -> PrepareResult:
     """Build, check and write ``<out>/{manifest.csv,classes.json,class_counts.npz}`` atomically.
@@ -84,14 +126,12 @@ def prepare_dataset(*, dataset: str, root: str | Path | None, out: str | Path, o
     """
     out = Path(out)
     adapter = get_adapter(dataset)
-    if adapter.needs_root and root:
-        r, o = Path(root).expanduser().resolve(), out.resolve()
-        if r == o or o in r.parents:
-            raise PipelineError(f"{r}: dataset root lies inside the output folder {o}, which prepare replaces")
+    check_output_folder(out, root=root if adapter.needs_root else None)
     with atomic_dir(out) as tmp:
         work = Path(tmp).absolute()
         frames, classes = build_dataset(dataset, root=root, work_dir=work, options=options, workers=workers)
         frames, counts = check_frames(frames, classes=classes, workers=workers)
+        check_video_sizes(frames)
         labelled = [(f.id, c) for f, c in zip(frames, counts) if c is not None]
         matrix = (np.stack([c for _, c in labelled]) if labelled
                   else np.zeros((0, classes.num_classes), dtype=np.int64))

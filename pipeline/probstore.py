@@ -190,6 +190,10 @@ def _check_arrays(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> No
     if probs.shape != want or probs.dtype != np.dtype(header["quant"]):
         raise PipelineError(f"{path}: probs {probs.dtype}{list(probs.shape)} disagree with the "
                             f"header ({header['quant']}{list(want)})")
+    # a finite probability's float16 bits are at most those of 1.0 (0x3C00): NaN, inf, negative
+    # values (sign bit) and values above 1 are all larger, so one integer max checks them all
+    if probs.dtype == np.float16 and probs.size and probs.view(np.uint16).max() > 0x3C00:
+        raise PipelineError(f"{path}: probs hold nan, inf or values outside [0, 1]")
     index, cls = arrays["tie_index"], arrays["tie_class"]
     if (index.shape != cls.shape or index.ndim != 1
             or (index.size and (index.max() >= want[1] * want[2] or cls.max() >= want[0]))):
@@ -202,8 +206,14 @@ def read_meta(path: str | os.PathLike) -> dict:
     return _open(Path(path), ())[0]
 
 
-def _read_codes(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+def _read_codes(path: Path, expect: Mapping[str, Any] | None = None
+                ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     header, arrays = _open(path, ("probs", "tie_index", "tie_class"))
+    if expect:  # what the run's meta.json says of its maps: a map stored otherwise is foreign
+        differ = [f"{key} {header[key]} (its run's {META_FILE}: {value})"
+                  for key, value in expect.items() if header.get(key) != value]
+        if differ:
+            raise PipelineError(f"{path}: stored with {', '.join(differ)}")
     _check_arrays(path, header, arrays)
     return header, arrays["probs"], arrays["tie_index"], arrays["tie_class"]
 
@@ -242,13 +252,17 @@ def upsample(probs: np.ndarray, *, height: int, width: int, stride: int) -> np.n
     return rows[:, :, lo] * (1 - f) + rows[:, :, hi] * f
 
 
-def read_probs(path: str | os.PathLike, *, full_size: bool = False) -> np.ndarray:
+def read_probs(path: str | os.PathLike, *, full_size: bool = False,
+               expect: Mapping[str, Any] | None = None) -> np.ndarray:
     """Probabilities float32 [C, h, w] at the stored resolution, or [C, H, W] with ``full_size``.
 
     argmax over C equals the argmax of the map that was written (see the module docstring).
+    ``expect``: header values the map must have ({"quant": "uint8", "classes": 19, ...}, what
+    its run's meta.json says); every map is checked on read: its arrays match its header and
+    a float16 map holds finite values in [0, 1]. Any failure names the file.
     """
     path = Path(path)
-    header, codes, index, cls = _read_codes(path)
+    header, codes, index, cls = _read_codes(path, expect)
     if codes.dtype == np.uint8:
         probs = codes.astype(np.float32)
         probs /= 255
@@ -338,6 +352,8 @@ class Member:
         self.classes: int = first["classes"]
         self.quant: str = first["quant"]
         self.stride: int = first["stride"]
+        # every map of the member is stored as its runs' meta.json says (checked on read)
+        self.expect = {"classes": self.classes, "quant": self.quant, "stride": self.stride}
         self._oof: dict[str, int | str] | None = None
         self._test: dict[str, list[int | str]] | None = None
 
@@ -400,10 +416,12 @@ class Member:
     def read_oof(self, frame_id: str, *, full_size: bool = False) -> np.ndarray:
         """float32 [C, h, w] (or [C, H, W]) out-of-fold probabilities of one train frame."""
         path = map_path(self.run_dir(self.oof_fold(frame_id)) / OOF_DIR, frame_id)
-        return read_probs(path, full_size=full_size)
+        return read_probs(path, full_size=full_size, expect=self.expect)
 
-    def test_ids(self) -> list[str]:
-        """Sorted ids of the test frames predicted by at least one run."""
+    def test_ids(self, fold: int | str | None = None) -> list[str]:
+        """Sorted ids of the test frames predicted by at least one run (or by run ``fold``)."""
+        if fold is not None:
+            return self._ids(fold, TEST_DIR) if fold in self.meta else []
         return sorted(self._test_index())
 
     def read_test(self, frame_id: str, *, full_size: bool = False,
@@ -420,7 +438,7 @@ class Member:
         total = None
         for fold in have:
             path = map_path(self.run_dir(fold) / TEST_DIR, frame_id)
-            probs = read_probs(path, full_size=full_size)
+            probs = read_probs(path, full_size=full_size, expect=self.expect)
             if total is None:
                 total = probs
             elif probs.shape != total.shape:
@@ -435,21 +453,33 @@ class Member:
         return f"Member({self.name!r}, folds={self.folds})"
 
 
-def list_members(root: str | os.PathLike) -> list[Member]:
-    """Members under ``root`` (sorted by name); files, dot entries and folders without any
-    ``f*/meta.json`` are skipped."""
+def member_names(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the members under ``root`` (folders holding an ``f*/meta.json``), without
+    reading them; files, dot entries and folders without any run are skipped."""
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"{root}: prediction folder not found")
-    members = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        if any(_FOLD_DIR.match(d.name) and (d / META_FILE).is_file() for d in entry.iterdir()):
-            members.append(Member(entry))
-    if not members:
+    return [entry.name for entry in sorted(root.iterdir())
+            if not entry.name.startswith(".") and entry.is_dir()
+            and any(_FOLD_DIR.match(d.name) and (d / META_FILE).is_file()
+                    for d in entry.iterdir())]
+
+
+def list_members(root: str | os.PathLike, names: Iterable[str] | None = None) -> list[Member]:
+    """Members under ``root`` (sorted by name): all of them (see :func:`member_names`), or those
+    in ``names`` (one without maps is an error naming it)."""
+    root = Path(root)
+    found = member_names(root)
+    if names is not None:
+        missing = sorted(set(names) - set(found))
+        if missing:
+            raise PipelineError(f"{root / missing[0]}: no maps of member '{missing[0]}' (no "
+                                f"f*/{META_FILE}; {len(missing)} member(s) missing: "
+                                f"{', '.join(missing)}); run its inference")
+        found = sorted(set(names))
+    if not found:
         raise PipelineError(f"{root}: no members (expected <member>/f<K>/{META_FILE})")
-    return members
+    return [Member(root / name) for name in found]
 
 
 def check_coverage(member: Member, expected_ids: Iterable[str]) -> int:

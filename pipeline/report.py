@@ -2,19 +2,23 @@
 
     python pipeline/report.py [--runs runs] [--oof oof_preds] [--ensemble ensemble]
                               [--submissions submissions] [--data data] [--out reports]
-                              [--name submission]
+                              [--name submission] [--params params.yaml]
 
 Writes ``<out>/`` as a whole (training curves, per-class IoU, confusion matrix, ensemble heatmap,
 overlays, ``summary.md``, ``summary.json``; see :mod:`pipeline.reports`) and prints the summary.
 Parts whose inputs are missing are skipped with a note; no training run at all is an error.
-The stage has no params.yaml section: it only reads results.
+The stage has no params.yaml section of its own: it reads results, and ``models:`` of the
+params file (when present) to find students' teachers and configs that differ in one switch
+for the technique ledger.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
+from pipeline.config import read_params
 from pipeline.errors import run_cli
 from pipeline.reports import build_report, format_summary
 
@@ -28,11 +32,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", default="data", help="manifest.csv and classes.json")
     parser.add_argument("--out", default="reports")
     parser.add_argument("--name", default="submission", help="submission name (submit.name)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="its models: section feeds the technique ledger (absent: skipped)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    models = read_params(args.params).get("models") if Path(args.params).is_file() else None
     summary = build_report(runs_dir=args.runs, oof_dir=args.oof, ensemble_dir=args.ensemble,
                            submissions_dir=args.submissions, data_dir=args.data, out_dir=args.out,
-                           name=args.name, progress=not args.no_progress)
+                           name=args.name, models=models, progress=not args.no_progress)
     print(format_summary(summary), end="")
     return summary
 

@@ -31,15 +31,18 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic
 from pipeline.data.manifest import read_classes, read_image, read_manifest, read_mask, read_raw_mask
+from pipeline.ensembling import ROWS as ENSEMBLE_ROWS
 from pipeline.errors import PipelineError
 from pipeline.figures import (compose_overlay, palette_table, plot_class_iou, plot_confusion,
                               plot_training_curves)
+from pipeline.formats import read_sidecar
+from pipeline.holdout import TEST_SCORES
 from pipeline.inference import member_summary
+from pipeline.ledger import MemberScores, build_ledger, format_ledger
 from pipeline.metrics import iou_per_class, mean_iou
 from pipeline.probstore import list_members
 
 RUN_DIR = re.compile(r"^(?P<model>.+)_f(?P<fold>\d+|all)_s(?P<seed>\d+)$")
-ENSEMBLE_ROWS = ("best_single", "uniform_mean", "S", "S_W", "S_W_A")
 CURVES, CLASS_IOU, CONFUSION, HEATMAP, OVERLAYS = (
     "training_curves.png", "class_iou.png", "confusion_matrix.png", "ensemble_heatmap.png", "overlays")
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
@@ -140,6 +143,14 @@ def member_rows(runs: list[Run], members: dict) -> list[dict]:
         row = {"member": name, "folds": [r.fold for r in folds], "family": None, "val_frames": None}
         row["last_mIoU"], row["last_folds"] = fold_mean(list(zip(last, frames)))
         row["swa_mIoU"], row["swa_folds"] = fold_mean(list(zip(swa, frames)))
+        # both matrices of every fold: SWA vs last pooled over folds, as the other columns
+        cms = [((r.swa or {}).get("last_cm"), (r.swa or {}).get("swa_cm")) for r in folds]
+        if folds and all(a is not None and b is not None for a, b in cms):
+            row["last_mIoU"] = mean_iou(sum(np.asarray(a, np.int64) for a, _ in cms))
+            row["swa_mIoU"] = mean_iou(sum(np.asarray(b, np.int64) for _, b in cms))
+            row["swa_source"] = "pooled"
+        else:
+            row["swa_source"] = "fold mean" if row["swa_folds"] else None
         if all(frames) and frames:
             row["val_frames"] = int(sum(frames))
         if name in members:  # pooled confusion matrices of the stored maps
@@ -256,13 +267,40 @@ def _overlays(out: Path, *, submissions_dir: Path, submission: dict | None, name
     return None
 
 
+def ledger_inputs(rows: list[dict], runs: list[Run], models: dict | None,
+                  test_scores: dict | None) -> tuple[dict, dict, dict]:
+    """(members, teachers, ensemble) arguments of :func:`pipeline.ledger.build_ledger` from the
+    member rows, the runs, params' ``models:`` (None: unknown) and the ensemble's test scores."""
+    model_of = {r.member: (r.model, r.seed) for r in runs}
+    test_members = (test_scores or {}).get("members") or {}
+    members = {}
+    for row in rows:
+        name = row["member"]
+        model, seed = model_of.get(name, (name.rsplit("_s", 1)[0], int(name.rsplit("_s", 1)[-1])
+                                          if name.rsplit("_s", 1)[-1].isdigit() else 0))
+        members[name] = MemberScores(
+            model=model, seed=seed,
+            oof={"last": row["last_mIoU"], "swa": row["swa_mIoU"],
+                 "single": row["swa_single_mIoU"], "tta": row["swa_tta_mIoU"]},
+            test={k: v for k, v in (test_members.get(name) or {}).items() if v is not None})
+    teachers = {}
+    for name, m in members.items():
+        teacher = ((models or {}).get(m.model) or {}).get("distill", {}).get("teacher")
+        if teacher and f"{teacher}_s{m.seed}" in members:
+            teachers[name] = f"{teacher}_s{m.seed}"
+    return members, teachers, {"test": (test_scores or {}).get("rows") or {}}
+
+
 def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str | Path,
                  submissions_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-                 name: str = "submission", progress: bool = True) -> dict:
+                 name: str = "submission", models: dict | None = None,
+                 progress: bool = True) -> dict:
     """Write the figures, ``summary.json`` and ``summary.md`` into ``out_dir`` (replaced as a
     whole; an existing folder must be an earlier report) and return the summary dict:
     ``members`` (rows of :func:`member_rows`, mIoU as fractions), ``ensemble``, ``submission``,
-    ``figures`` (paths relative to ``out_dir``) and ``notes`` (one line per skipped part)."""
+    ``ledger`` (:func:`pipeline.ledger.build_ledger`; ``models`` is params' ``models:`` section,
+    which tells students' teachers and the configs that differ in one switch), ``figures``
+    (paths relative to ``out_dir``) and ``notes`` (one line per skipped part)."""
     runs_dir, oof_dir, ensemble_dir = Path(runs_dir), Path(oof_dir), Path(ensemble_dir)
     submissions_dir, data_dir, out_dir = Path(submissions_dir), Path(data_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
@@ -285,8 +323,14 @@ def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str
     ens_members = read_json(ensemble_dir / "members.json")
     for row in rows:
         row["group"] = ((ens_members or {}).get(row["member"]) or {}).get("group")
-    submission = read_json(submissions_dir / f"{name}.json")
+    # checked against the zip's bytes: a JSON or a score of another zip is never shown as its
+    submission = read_sidecar(submissions_dir / f"{name}.zip") or None
     evaluation = read_json(submissions_dir / f"{name}.zip.eval.json")
+    if (evaluation is not None and submission is not None and evaluation.get("sha256")
+            and evaluation["sha256"] != submission.get("sha256")):
+        notes.append(f"{submissions_dir / (name + '.zip.eval.json')}: scores another zip than "
+                     f"{name}.zip (sha256 differs); re-run `python pipeline/evaluate.py`")
+        evaluation = None
 
     scored = {n: cm for n, cm in ((n, pooled_cm(m)) for n, m in members.items()) if cm is not None}
     best = min(scored, key=lambda n: (-np.nan_to_num(mean_iou(scored[n]), nan=-1), n)) if scored else None
@@ -347,6 +391,12 @@ def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str
         if evaluation is None:
             notes.append(f"test score skipped: {submissions_dir / (name + '.zip.eval.json')} not found "
                          f"(run `python pipeline/evaluate.py {zip_path}` on labelled test frames)")
+        members_in, teachers, ensemble_in = ledger_inputs(
+            rows, runs, models, read_json(ensemble_dir / TEST_SCORES))
+        ensemble_in["oof"] = {r: ens_metrics.get(f"{r}_mIoU") for r in ENSEMBLE_ROWS} \
+            if ens_metrics is not None else {}
+        summary["ledger"] = build_ledger(members=members_in, models=models, teachers=teachers,
+                                         ensemble=ensemble_in)
         atomic.write_json(tmp / SUMMARY_JSON, summary)
         atomic.write_text(tmp / SUMMARY_MD, format_summary(summary))
     return summary
@@ -383,6 +433,9 @@ def format_summary(summary: dict) -> str:
                    if sub["sha256"] else ""),
                 f"- test mIoU {_pct(sub['test_mIoU'])} %, mVC8 {_pct(sub['test_mVC8'])} %, "
                 f"mVC16 {_pct(sub['test_mVC16'])} %"]
+    if summary.get("ledger"):
+        out += ["", "## Technique ledger (mIoU %, gain in points, same weights and frames)"]
+        out += format_ledger(summary["ledger"])
     out += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in summary["figures"]]
     if summary["notes"]:
         out += ["", "## Skipped", ""] + [f"- {note}" for note in summary["notes"]]

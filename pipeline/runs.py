@@ -5,7 +5,8 @@ architecture with different settings. A run is (model config, fold, seed) and li
 ``runs/<model>_f<fold>_s<seed>/``:
 
     train/           the training stage's output (DVC ``persist``: kept for resuming)
-      last.pt        resumable checkpoint (model, optimizer, scheduler, RNG states)
+      last.pt        resumable checkpoint (model, optimizer, scheduler, RNG states; the
+                     config and data digests that decide whether a re-run resumes it)
       best.pt        best validation mIoU (equal to last.pt when there is no validation)
       snapshots/     swa_<iteration>.pt, one per SWA cycle
       class_iou.json per-class IoU of the last validation
@@ -70,6 +71,7 @@ class DistillParams:
     teacher_seed: int = -1   # -1: the student's own seed
     weight: float = 1.0
     temperature: float = 1.0
+    labelled_only: bool = True  # average the KL over labelled pixels only (void, padding: out)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ModelParams:
     arch_kwargs: dict = field(default_factory=dict)
     weights: str = ""            # "" random init | PATH local file | "hub:imagenet"
     family: str = "primary"      # ensemble grouping: primary (S/W) or an auxiliary family (A)
-    batch_size: int = 8
+    batch_size: int = 8          # the global batch of one step, split evenly across DDP ranks
     iters: int = 200
     val_interval: int = 50
     ckpt_interval: int = 0       # 0: at each validation

@@ -14,7 +14,16 @@ section of params.yaml:
 * ``<out>/previews/<name>/<id>.png``  image | prediction overlay for a few frames spread over the
   test videos;
 * ``<out>/<name>.json``  format, frame count, the zip's sha256, and the ensemble members, weights
-  and OOF score copied from ``--weights`` when that file exists. Written last.
+  and OOF score copied from ``--weights`` when that file exists.
+
+All three are written to hidden temporaries first (the zip checked, its sha256 taken from the
+temporary); only then is the old JSON deleted and the zip, the previews and the JSON moved into
+place, in that order. So a failure (a bad prediction, a full disk, a read-only folder: one
+``error:`` line) changes nothing, and a kill at any moment leaves either the old pair, or a zip
+without a JSON (read as "unknown", rebuilt by the next run), never a zip beside another zip's
+JSON; :func:`pipeline.formats.read_sidecar` refuses such a pair made by hand. Temporaries of a
+killed run are removed by the next one (:func:`pipeline.atomic.remove_stale_tmp`). Outputs that
+would overwrite an input (the predictions, manifest, classes, weights or params) are refused.
 
 Score a zip against labelled test frames with ``python pipeline/evaluate.py <out>/<name>.zip``.
 """
@@ -22,7 +31,7 @@ Score a zip against labelled test frames with ``python pipeline/evaluate.py <out
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -33,13 +42,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir, write_json
+from pipeline.atomic import (atomic_dir, atomic_path, json_text, output_errors, refuse_overwrite,
+                             remove_stale_tmp)
 from pipeline.config import DEFAULT_PARAMS, load_section
 from pipeline.data.manifest import Frame, read_classes, read_image, read_manifest, read_raw_mask
 from pipeline.errors import PipelineError, run_cli
 from pipeline.figures import palette_table
 from pipeline.formats import (SubmissionFormat, check_zip, expected_entries, frame_size, get_format,
-                              png_bytes, write_zip)
+                              png_bytes, sha256_of, sidecar_path, write_zip_entries)
 
 PREVIEW_ALPHA = 0.5   # weight of the class colour over the image
 PREVIEW_GAP = 4       # px of white between image and overlay
@@ -60,14 +70,6 @@ class SubmitParams:
 
 
 # ----------------------------------------------------------------------------- library
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensemble_info(weights: str | Path | None) -> dict:
     """Members, weights and OOF score from the ensemble's weights.json (empty values without one)."""
     info = {"members": None, "weights": None, "oof_score": None, "ensemble": None}
@@ -136,15 +138,25 @@ def _entries(fmt: SubmissionFormat, entries: dict[str, Frame], pred_dir: Path, n
 
 def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Path, name: str,
                     fmt: str, vspw_offset: int = 0, weights: str | Path | None = None,
-                    previews: int = 4, progress: bool = True) -> dict:
+                    previews: int = 4, progress: bool = True,
+                    params: str | Path | None = None) -> dict:
     """Write and check ``<out_dir>/<name>.zip``, its previews and ``<name>.json``; return the JSON.
 
     ``data`` holds manifest.csv and classes.json; every test frame needs ``<pred_dir>/<id>.png``
     (HxW uint8 train ids, the size of its image). ``fmt`` is a format name or ``auto``.
+    ``params`` (the params file, if any) is only checked not to be overwritten. See the module
+    docstring for the write order that keeps the zip and its JSON consistent after any kill.
     """
     pred_dir, data, out_dir = Path(pred_dir), Path(data), Path(out_dir)
     if not _NAME.fullmatch(name):
         raise PipelineError(f"submit.name '{name}' must be a plain file name (letters, digits, . _ -)")
+    zip_path = out_dir / f"{name}.zip"
+    json_path, preview_dir = sidecar_path(zip_path), out_dir / "previews" / name
+    inputs = {"the predictions": pred_dir, "the manifest": data / "manifest.csv",
+              "the classes file": data / "classes.json", "the ensemble weights": weights,
+              "the params file": params}
+    for out, folder in ((zip_path, False), (json_path, False), (preview_dir, True)):
+        refuse_overwrite(out, inputs, key="--out/--name", folder=folder)
     classes = read_classes(data / "classes.json")
     frames = read_manifest(data / "manifest.csv", split="test")
     if not frames:
@@ -162,27 +174,30 @@ def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Pa
     palette = palette_table(classes)
     shown = [(f, render_preview(read_image(f.image), _read_prediction(pred_dir / f"{f.id}.png", f), palette))
              for f in preview_frames(frames, previews)]
+    ensemble = ensemble_info(weights)
 
-    zip_path = out_dir / f"{name}.zip"
-    write_zip(zip_path, _entries(submission, entries, pred_dir, classes.num_classes, progress),
-              check=lambda tmp: check_zip(tmp, fmt=submission, frames=frames, classes=classes,
-                                          progress=progress, label=str(zip_path)))
-    try:
-        preview_dir = out_dir / "previews" / name
-        with atomic_dir(preview_dir) as tmp:
-            for frame, canvas in shown:
-                Image.fromarray(canvas).save(tmp / f"{frame.id}.png", compress_level=6)
-        summary = {"name": name, "zip": zip_path.name, "sha256": sha256_of(zip_path),
-                   "bytes": zip_path.stat().st_size, "format": submission.name}
+    with output_errors(out_dir, "the submission"), contextlib.ExitStack() as stack:
+        for folder in (out_dir, out_dir / "previews"):
+            remove_stale_tmp(folder)  # what a killed run left
+        # Entered json, previews, zip: left (moved into place) zip, previews, json.
+        tmp_json = stack.enter_context(atomic_path(json_path))
+        tmp_previews = stack.enter_context(atomic_dir(preview_dir))
+        tmp_zip = stack.enter_context(atomic_path(zip_path))
+        write_zip_entries(tmp_zip, _entries(submission, entries, pred_dir, classes.num_classes, progress))
+        check_zip(tmp_zip, fmt=submission, frames=frames, classes=classes, progress=progress,
+                  label=str(zip_path))
+        for frame, canvas in shown:
+            Image.fromarray(canvas).save(tmp_previews / f"{frame.id}.png", compress_level=6)
+        summary = {"name": name, "zip": zip_path.name, "sha256": sha256_of(tmp_zip),
+                   "bytes": tmp_zip.stat().st_size, "format": submission.name}
         if submission.name == "vspw":
             summary["vspw_offset"] = submission.offset
         summary.update(dataset=classes.dataset, num_classes=classes.num_classes, frames=len(entries),
                        predictions=str(pred_dir), previews=[f"previews/{name}/{f.id}.png" for f, _ in shown])
-        summary.update(ensemble_info(weights))
-        write_json(out_dir / f"{name}.json", summary)
-    except BaseException:
-        zip_path.unlink(missing_ok=True)  # no zip without its manifest
-        raise
+        summary.update(ensemble)
+        tmp_json.write_text(json_text(summary))
+        # From here on no JSON may describe the old zip: a kill now leaves a zip without one.
+        json_path.unlink(missing_ok=True)
     return summary
 
 
@@ -205,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "name": args.name, "format": args.format, "vspw_offset": args.vspw_offset, "previews": args.previews})
     summary = make_submission(pred_dir=args.pred, data=args.data, out_dir=args.out, name=params.name,
                               fmt=params.format, vspw_offset=params.vspw_offset, weights=args.weights,
-                              previews=params.previews, progress=not args.no_progress)
+                              previews=params.previews, progress=not args.no_progress,
+                              params=args.params)
     print(f"wrote {Path(args.out) / summary['zip']}: {summary['frames']} frames, format {summary['format']}, "
           f"sha256 {summary['sha256'][:16]}...")
     return summary

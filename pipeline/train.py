@@ -2,8 +2,10 @@
 
 Trains the model config ``models.NAME`` of params.yaml on every fold but K and validates on
 fold K (``--fold all``: every train frame, no validation) into ``runs/NAME_fK_sS/``. Re-running
-the same command after an interruption resumes from ``train/last.pt``. Multi-GPU (or multi-
-process CPU): ``torchrun --nproc_per_node N pipeline/train.py ...`` (DDP, rank 0 writes).
+the same command after an interruption resumes from ``train/last.pt`` (or starts over, saying
+why, when the config, the frames, the folds, the classes or the teacher changed). Multi-GPU (or
+multi-process CPU): ``torchrun --nproc_per_node N pipeline/train.py ...`` (DDP, rank 0 writes);
+``models.NAME.batch_size`` is the global batch, split evenly across the N processes.
 """
 
 from __future__ import annotations

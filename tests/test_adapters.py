@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +120,23 @@ def test_cityscapes_label_train_ids_variant(tmp_path):
 
 
 def test_cityscapes_empty_tree_names_the_layout(tmp_path):
-    (tmp_path / "cs").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "cs" / "leftImg8bit" / split).mkdir(parents=True)
     with pytest.raises(PipelineError, match="no frames found.*leftImg8bit"):
         build("cityscapes", tmp_path / "cs", tmp_path)
+
+
+def test_cityscapes_missing_train_split_is_named(tmp_path):
+    """A split of train_splits without its folder would drop its frames unseen."""
+    cityscapes_tree(tmp_path / "cs")
+    shutil.rmtree(tmp_path / "cs" / "leftImg8bit" / "val")
+    with pytest.raises(PipelineError, match=r"leftImg8bit/val: Cityscapes split folder not found"):
+        build("cityscapes", tmp_path / "cs", tmp_path)
+    frames, _ = build("cityscapes", tmp_path / "cs", tmp_path, train_splits=["train"])
+    assert {f.split for f in frames} == {"train", "test"}
+    shutil.rmtree(tmp_path / "cs" / "leftImg8bit" / "test")  # the test split stays optional
+    assert {f.split for f in build("cityscapes", tmp_path / "cs", tmp_path,
+                                   train_splits=["train"])[0]} == {"train"}
 
 
 # ----------------------------------------------------------------------------- vspw
@@ -177,6 +192,27 @@ def test_vspw_listed_video_missing_is_named(tmp_path):
     vspw_video(root, "v1", 1)
     (root / "train.txt").write_text("v1\nghost\n")
     with pytest.raises(PipelineError, match="ghost"):
+        build("vspw", root, tmp_path, train_splits=["train"])
+
+
+def test_vspw_missing_list_of_a_train_split_is_named(tmp_path):
+    """val.txt renamed: its videos would silently leave training."""
+    root = tmp_path / "vspw"
+    vspw_video(root, "v1", 1)
+    vspw_video(root, "v2", 1)
+    (root / "train.txt").write_text("v1\n")
+    (root / "val.renamed").write_text("v2\n")
+    with pytest.raises(PipelineError, match=r"val\.txt: list file of split 'val' not found"):
+        build("vspw", root, tmp_path)
+    (root / "val.txt").write_text("v2\n")  # no test.txt: the test list stays optional
+    assert {f.video for f in build("vspw", root, tmp_path)[0]} == {"v1", "v2"}
+
+
+def test_vspw_dangling_image_or_mask_symlink_is_named(tmp_path):
+    root = tmp_path / "vspw"
+    vspw_video(root, "v1", 2)
+    (root / "data" / "v1" / "origin" / "00000003.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(PipelineError, match=r"origin/00000003\.jpg: dangling symlink"):
         build("vspw", root, tmp_path)
 
 
@@ -219,6 +255,31 @@ def test_folder_pattern_and_class_errors(tmp_path):
         build("folder", root, tmp_path)
     with pytest.raises(PipelineError, match="void_values"):
         build("folder", root, tmp_path, num_classes=2, void_values=[1])
+
+
+def test_folder_dangling_symlinks_are_named_not_dropped(tmp_path):
+    root = tmp_path / "ds"
+    for stem in ("v_1", "v_2"):
+        Image.fromarray(rgb()).save(_mk(root / "images" / f"{stem}.png"))
+        png(root / "masks" / f"{stem}.png", np.zeros((4, 6)))
+    (root / "images" / "v_3.png").symlink_to(tmp_path / "moved" / "v_3.png")
+    with pytest.raises(PipelineError, match=r"images/v_3\.png: dangling symlink .*moved/v_3\.png"):
+        build("folder", root, tmp_path, num_classes=2)
+    (root / "images" / "v_3.png").unlink()
+    Image.fromarray(rgb()).save(_mk(root / "test_images" / "t_1.png"))
+    _mk(root / "test_masks" / "t_1.png").symlink_to(tmp_path / "gone.png")  # optional, yet named
+    with pytest.raises(PipelineError, match=r"test_masks/t_1\.png: dangling symlink"):
+        build("folder", root, tmp_path, num_classes=2, test_images="test_images",
+              test_masks="test_masks")
+
+
+def test_camvid_dangling_image_symlink_is_named(tmp_path):
+    root = tmp_path / "camvid"
+    Image.fromarray(rgb()).save(_mk(root / "train" / "0001TP_000001.png"))
+    png(root / "trainannot" / "0001TP_000001.png", np.zeros((4, 6)))
+    (root / "train" / "0001TP_000002.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(PipelineError, match=r"train/0001TP_000002\.png: dangling symlink"):
+        build("camvid", root, tmp_path, train_splits=["train"])
 
 
 def test_folder_duplicate_stem_is_an_error(tmp_path):

@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ from pipeline.runs import RunPaths
 from test_ensemble import SHAPE, SMALL, explicit
 from test_ensemble import argv as ensemble_argv
 from test_ensemble import build as build_maps
-from test_prepare import H, W, make_dataset, save_image, save_mask
+from test_prepare import H, W, make_dataset, resize_frame, save_image, save_jpeg, save_mask
 from test_prepare import write_params as folder_params
 from test_submit import make_project
 from test_swa import GN_SPEC
@@ -112,6 +113,31 @@ def _empty_dataset(root: Path, params: Path) -> None:
             path.unlink()
 
 
+def _out_of_user_files(root: Path, params: Path) -> None:
+    """prepare.out names a folder of the user's own files (no manifest.csv)."""
+    mine = root.parent / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    (mine / "sub" / "weights.pt").write_bytes(b"weights")
+    _edit_section(params, "prepare", out=str(mine))
+
+
+def _vspw_without_val_list(ctx: Ctx) -> list:
+    """A VSPW tree (2 videos listed in train.txt and val.txt), then val.txt renamed."""
+    root, out = ctx.root / "vspw", ctx.root / "prepared"
+    for video in ("v1", "v2"):
+        save_image(root / "data" / video / "origin" / "00000001.jpg", np.zeros((H, W, 3)))
+        save_mask(root / "data" / video / "mask" / "00000001.png", np.ones((H, W)))
+    (root / "train.txt").write_text("v1\n")
+    (root / "val.txt.bak").write_text("v2\n")
+    out.mkdir()
+    (out / "manifest.csv").write_text("earlier output\n")
+    params = ctx.root / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"dataset": "vspw", "root": str(root),
+                                                  "out": str(out), "workers": 1}}))
+    return ["--params", params]
+
+
 PREPARE = {
     "prepare-missing-mask": Case("prepare", _prepare(
         lambda r, p: (r / "masks" / "vid0_001.png").unlink()),
@@ -139,6 +165,25 @@ PREPARE = {
     "prepare-params-typo": Case("prepare", _prepare(
         lambda r, p: _edit_section(p, "prepare", workrs=2)),
         ("params.yaml", "'prepare.workrs'"), subprocess=True),
+    "prepare-invalid-yaml": Case("prepare", _prepare(
+        lambda r, p: p.write_text("prepare:\n  dataset: folder\n  out: data: x\n")),
+        ("params.yaml", "line 3, column 12"), subprocess=True),
+    "prepare-out-holds-user-files": Case("prepare", _prepare(_out_of_user_files), ("/mine: ",),
+                                         subprocess=True),
+    "prepare-out-is-cwd": Case("prepare", _prepare(
+        lambda r, p: _edit_section(p, "prepare", out=".")), ("current directory",),
+        subprocess=True),
+    "prepare-jpeg-data-in-png-mask": Case("prepare", _prepare(
+        lambda r, p: save_jpeg(r / "masks" / "vid0_001.png")), ("masks/vid0_001.png", "JPEG"),
+        subprocess=True),
+    "prepare-dangling-image-symlink": Case("prepare", _prepare(
+        lambda r, p: (r / "images" / "vid1_003.png").symlink_to(r.parent / "gone.png")),
+        ("images/vid1_003.png",), subprocess=True),
+    "prepare-two-sizes-in-one-video": Case("prepare", _prepare(
+        lambda r, p: resize_frame(r, "vid1_002")), ("images/vid1_002.png", "images/vid1_000.png"),
+        subprocess=True),
+    "prepare-vspw-list-file-missing": Case("prepare", _vspw_without_val_list, ("vspw/val.txt",),
+                                           subprocess=True),
 }
 
 # ----------------------------------------------------------------------------- folds
@@ -177,6 +222,32 @@ def _stale_folds(ctx: Ctx) -> list:
     return argv
 
 
+def _teacher_of_another_fold(ctx: Ctx) -> list:
+    """A student of fold 1 given the demo's fold-0 run (a run dir) as its teacher."""
+    teacher = ctx.run()
+    return _train(fold=1, model="student", models={"student": {
+        "distill": {"teacher": str(teacher.root)}}})(ctx)
+
+
+def _void_training_frames(ctx: Ctx) -> list:
+    """A copy of the demo data whose training frames of fold 0 are void everywhere (masks and
+    class_counts.npz, as prepare would write them)."""
+    from pipeline.data.manifest import read_class_counts, read_manifest, write_class_counts
+    from pipeline.splits import train_val_ids
+
+    data = Path(shutil.copytree(ctx.demo.data, ctx.root / "data"))
+    train_ids = set(train_val_ids(ctx.demo.folds, 0)[0])
+    for frame in read_manifest(data / "manifest.csv", split="train"):
+        if frame.id in train_ids:
+            save_mask(Path(frame.mask), np.full((frame.height, frame.width), 255))
+    ids, counts = read_class_counts(data / "class_counts.npz")
+    counts[[k for k, i in enumerate(ids) if i in train_ids]] = 0
+    write_class_counts(data / "class_counts.npz", ids, counts)
+    argv = _train(fold=0)(ctx)
+    argv[argv.index("--data") + 1] = str(data)
+    return argv
+
+
 TRAIN = {
     "train-fold-without-frames": Case("train", _train(fold=2), ("folds.csv", "fold 2"),
                                       subprocess=True),
@@ -198,6 +269,17 @@ TRAIN = {
                               ("params.yaml", "'train.num_worker'")),
     "models-params-typo": Case("train", _train(models={"tiny": {"batch": 4}}),
                                ("params.yaml", "'models.tiny.batch'")),
+    "train-teacher-of-another-fold": Case("train", _teacher_of_another_fold, (
+        "models.student.distill.teacher", "runs/tiny_f0_s0", "fold 0", "fold 1")),
+    "train-training-frames-all-void": Case("train", _void_training_frames,
+                                           ("data/class_counts.npz", "--fold 0")),
+    "train-batch-larger-than-training-frames": Case("train", _train(models={"tiny": {
+        "batch_size": 5000}}), ("models.tiny.batch_size", "5000")),
+    "train-batch-exceeds-memory": Case("train", _train(models={"tiny": {"augment": {
+        "crop": [32768, 32768], "hflip": 0.5}}}), ("models.tiny.batch_size", "32768x32768")),
+    "models-params-nan-lr": Case("train", _train(models={"tiny": {"optimizer": {
+        "name": "adamw", "lr": float("nan")}}}), ("params.yaml", "'models.tiny.optimizer.lr'"),
+        subprocess=True),
 }
 
 # ----------------------------------------------------------------------------- swa
@@ -283,7 +365,7 @@ def _ensemble(breaker: Callable[[dict], object] | None = None, mode: str = "--se
 
 def _wrong_shape(ws: dict) -> None:
     write_probs(run_map_dir(ws["oof"], "weak_s1", 1) / "oof" / "v1_02.npz",
-                np.full((3, SHAPE[0], SHAPE[1] + 2), 1 / 3, np.float32))
+                np.full((3, SHAPE[0], SHAPE[1] + 2), 1 / 3, np.float32), quant="float16")
 
 
 def _set_meta(ws: dict, member: str, **changes) -> None:
@@ -318,6 +400,94 @@ ENSEMBLE = {
                                  ("params.yaml", "'ensemble.n_strng'"), subprocess=True),
 }
 
+# issue 12/13 rows of the ensemble: partial OOF coverage, a failed search keeps the study,
+# non-finite weights and maps, members from the params, one search at a time, class names
+def _fold_not_trained(ws: dict) -> None:
+    """Fold 1 never trained: no member has its runs (its OOF maps cover fold 0 only)."""
+    for member in ws["oof"].iterdir():
+        if member.is_dir():
+            shutil.rmtree(member / "f1")
+
+
+def _truncate_map(ws: dict) -> None:
+    _truncate(run_map_dir(ws["oof"], "weak_s0", 0) / "oof" / "v0_01.npz")
+
+
+def _edit_weights(**changes) -> Callable[[dict], None]:
+    def breaker(ws: dict) -> None:
+        path = ws["out"] / "weights.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return breaker
+
+
+def _nan_test_map(ws: dict) -> None:
+    """A float16 test map with a NaN (written by hand: write_probs refuses NaN)."""
+    path = run_map_dir(ws["oof"], "strong_s1", 0) / "test" / "v2_01.npz"
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["probs"] = arrays["probs"].copy()
+    arrays["probs"][0, 3, 2] = np.nan
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _uint8_test_map(ws: dict) -> None:
+    """A test map stored as uint8 in a member whose meta.json says float16."""
+    write_probs(run_map_dir(ws["oof"], "strong_s1", 0) / "test" / "v2_01.npz",
+                np.full((3, *SHAPE), 1 / 3, np.float32), quant="uint8")
+
+
+def _train_section(**train) -> Callable[[dict], None]:
+    def breaker(ws: dict) -> None:
+        params = yaml.safe_load(ws["params"].read_text())
+        params["train"] = train
+        ws["params"].write_text(yaml.safe_dump(params))
+    return breaker
+
+
+_HELD_LOCKS: list = []  # search locks this session holds for good (the cases' other search)
+
+
+def _search_running(ws: dict) -> None:
+    """Another search holds the lock of the output folder, as a running one does (its pid:
+    this test process)."""
+    import contextlib
+
+    from pipeline.ensembling import search_lock
+
+    held = contextlib.ExitStack()
+    held.enter_context(search_lock(ws["out"]))
+    _HELD_LOCKS.append(held)
+
+
+ENSEMBLE.update({
+    "ensemble-partial-oof-coverage": Case("ensemble", _ensemble(_fold_not_trained),
+                                          ("folds/folds.csv", "fold 1")),
+    "ensemble-truncated-map-keeps-the-study": Case("ensemble", _ensemble(
+        _truncate_map, search_first=True, workers=2), ("oof_preds/weak_s0/f0/oof/v0_01.npz",),
+        subprocess=True),
+    "ensemble-apply-non-finite-weight": Case("ensemble", _ensemble(
+        _edit_weights(alpha=float("nan")), mode="--apply", search_first=True),
+        ("ensemble/weights.json", "alpha=nan")),
+    "ensemble-apply-nan-test-map": Case("ensemble", _ensemble(
+        _nan_test_map, mode="--apply", search_first=True),
+        ("oof_preds/strong_s1/f0/test/v2_01.npz",)),
+    "ensemble-apply-test-map-of-another-dtype": Case("ensemble", _ensemble(
+        _uint8_test_map, mode="--apply", search_first=True),
+        ("oof_preds/strong_s1/f0/test/v2_01.npz", "uint8")),
+    "ensemble-member-of-params-without-maps": Case("ensemble", _ensemble(_train_section(
+        models=["strong", "weak"], seeds=[0, 1, 2], students=[], student_seeds=[0])),
+        ("oof_preds/strong_s2", "'strong_s2'")),
+    "ensemble-search-while-another-runs": Case("ensemble", _ensemble(_search_running),
+                                               ("ensemble/.search.lock", "pid "),
+                                               subprocess=True),
+    "ensemble-class-names-reordered": Case("ensemble", _ensemble(
+        lambda ws: _set_meta(ws, "aux_s0", class_names=["a", "c", "b"])),
+        ("oof_preds/aux_s0/f0/meta.json", "'aux_s0'")),
+    "ensemble-unknown-fallback": Case("ensemble", _ensemble(fallback="bset"),
+                                      ("params.yaml", "ensemble.fallback", "'bset'")),
+})
+
 # ----------------------------------------------------------------------------- submit
 def _submit(dataset: str, num_classes: int, *args, section: dict | None = None
             ) -> Callable[[Ctx], list]:
@@ -332,6 +502,37 @@ def _submit(dataset: str, num_classes: int, *args, section: dict | None = None
     return setup
 
 
+def _submitted(ctx: Ctx) -> tuple[Path, list]:
+    """test_submit's project with a submission made: ``submissions/submission.zip``, its JSON
+    and previews (earlier outputs that must survive). Returns the zip and submit's argv."""
+    from pipeline.submit import main as submit_main
+
+    argv = [str(a) for a in _submit("demo", 4)(ctx)]
+    submit_main(argv)
+    return ctx.root / "submissions" / "submission.zip", argv
+
+
+def _read_only(folder: Path) -> None:
+    """chmod a folder read-only; skip the case where that does not stop writes (root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        pytest.skip("running as root: chmod cannot make a folder read-only")
+
+
+def _submit_read_only(ctx: Ctx) -> list:
+    _, argv = _submitted(ctx)
+    _read_only(ctx.root / "submissions")
+    return argv
+
+
+def _submit_over_weights(ctx: Ctx) -> list:
+    """--out/--name put <name>.json on the --weights file the stage copies from."""
+    argv = _submit("demo", 4)(ctx)
+    (ctx.root / "weights.json").write_text(json.dumps({"alpha": 1.0, "beta": 0.5}))
+    return [*argv, "--out", ctx.root, "--name", "weights"]
+
+
 SUBMIT = {
     "submit-cityscapes-format-on-demo": Case("submit", _submit(
         "demo", 4, "--format", "cityscapes"), ("'cityscapes'", "classes.json"), subprocess=True),
@@ -340,9 +541,60 @@ SUBMIT = {
         subprocess=True),
     "submit-params-typo": Case("submit", _submit("demo", 4, section={"fromat": "folder"}),
                                ("params.yaml", "'submit.fromat'"), subprocess=True),
+    "submit-out-overwrites-weights": Case("submit", _submit_over_weights,
+                                          ("--out/--name", "/weights.json"), subprocess=True),
+    "submit-read-only-out": Case("submit", _submit_read_only, ("/submissions: ",)),
 }
 
-CASES: dict[str, Case] = {**PREPARE, **FOLDS, **TRAIN, **SWA, **INFER, **ENSEMBLE, **SUBMIT}
+# ----------------------------------------------------------------------------- evaluate
+def _eval_args(ctx: Ctx, pred: Path, *args) -> list:
+    return [pred, "--manifest", ctx.root / "data" / "manifest.csv",
+            "--params", ctx.root / "params.yaml", *args]
+
+
+def _eval_zip(edit: Callable[[list], list]) -> Callable[[Ctx], list]:
+    """test_submit's project and a folder-format zip of its predictions (no JSON beside it:
+    --format folder), its (name, bytes) entries passed through ``edit`` and written as given."""
+    def setup(ctx: Ctx) -> list:
+        import zipfile
+
+        make_project(ctx.root)
+        (ctx.root / "params.yaml").write_text("{}\n")
+        entries = [(p.name, p.read_bytes()) for p in sorted((ctx.root / "pred").iterdir())]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+            with zipfile.ZipFile(ctx.root / "sub.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+                for name, data in edit(entries):
+                    zf.writestr(name, data)
+        return _eval_args(ctx, ctx.root / "sub.zip", "--format", "folder")
+    return setup
+
+
+def _eval_out_is_zip(ctx: Ctx) -> list:
+    zip_path, _ = _submitted(ctx)
+    return _eval_args(ctx, zip_path, "--out", zip_path)
+
+
+def _eval_read_only(ctx: Ctx) -> list:
+    zip_path, _ = _submitted(ctx)
+    _read_only(ctx.root / "ro")
+    return _eval_args(ctx, zip_path, "--out", ctx.root / "ro" / "score.json")
+
+
+EVALUATE = {
+    "evaluate-out-overwrites-zip": Case("evaluate", _eval_out_is_zip,
+                                        ("--out", "submissions/submission.zip"), subprocess=True),
+    "evaluate-zip-duplicate-entry": Case("evaluate", _eval_zip(
+        lambda e: e + [("vid001_0001.png", e[0][1])]), ("sub.zip", "'vid001_0001.png'")),
+    "evaluate-zip-entry-of-no-frame": Case("evaluate", _eval_zip(
+        lambda e: e + [("vid009_0000.png", e[0][1])]), ("sub.zip", "'vid009_0000.png'")),
+    "evaluate-zip-bomb": Case("evaluate", _eval_zip(
+        lambda e: [(n, b"\0" * (32 << 20) if n == "vid000_0001.png" else d) for n, d in e]),
+        ("sub.zip:vid000_0001.png",)),
+    "evaluate-read-only-out": Case("evaluate", _eval_read_only, ("ro/score.json",)),
+}
+
+CASES: dict[str, Case] = {**PREPARE, **FOLDS, **TRAIN, **SWA, **INFER, **ENSEMBLE, **SUBMIT, **EVALUATE}
 
 
 # ----------------------------------------------------------------------------- the check
@@ -426,6 +678,28 @@ ERROR_LINES = {
     "prepare-params-typo":
         "error: <ws>/params.yaml: unknown key 'prepare.workrs'; valid keys of 'prepare': "
         "camvid, ..., workers",
+    "prepare-invalid-yaml":
+        "error: <ws>/params.yaml: not valid YAML (line 3, column 12: mapping values are not "
+        "allowed here)",
+    "prepare-out-holds-user-files":
+        "error: <ws>/mine: output folder holds files but no manifest.csv, so it is not an earlier "
+        "prepare output; prepare replaces it whole: empty it or pick another folder "
+        "(--out, prepare.out)",
+    "prepare-out-is-cwd":
+        "error: <ws>: output folder is the current directory or contains it; prepare replaces "
+        "its output folder whole: pick a subfolder (--out, prepare.out)",
+    "prepare-jpeg-data-in-png-mask":
+        "error: <ws>/ds/masks/vid0_001.png: mask holds JPEG data, not a lossless PNG "
+        "(lossy formats change label values)",
+    "prepare-dangling-image-symlink":
+        "error: <ws>/ds/images/vid1_003.png: dangling symlink (its target <ws>/gone.png does not "
+        "exist); restore the file or remove the link",
+    "prepare-two-sizes-in-one-video":
+        "error: <ws>/ds/images/vid1_002.png: frame is 8x8 but <ws>/ds/images/vid1_000.png of the "
+        "same video 'vid1' is 8x6 (width x height); a video's frames must share one size",
+    "prepare-vspw-list-file-missing":
+        "error: <ws>/vspw/val.txt: list file of split 'val' not found "
+        "(prepare.vspw.train_splits names it)",
     "folds-more-folds-than-videos":
         "error: folds.n_folds=5 needs at least 5 videos but the train split has 4: a fold "
         "would be empty; lower folds.n_folds",
@@ -458,6 +732,23 @@ ERROR_LINES = {
     "models-params-typo":
         "error: <ws>/params.yaml: unknown key 'models.tiny.batch'; valid keys of 'models.tiny': "
         "amp, ..., batch_size, ...",
+    "train-teacher-of-another-fold":
+        "error: models.student.distill.teacher: teacher <ws>/runs/tiny_f0_s0/train/best.pt was "
+        "trained with fold 0 held out, but the student holds out fold 1: the teacher has seen "
+        "the student's validation frames; use a teacher run of fold 1",
+    "train-training-frames-all-void":
+        "error: <ws>/data/class_counts.npz: the 14 training frame(s) of --fold 0 have no "
+        "labelled pixel (all void): nothing to learn from; check their masks and the lookup "
+        "table of <ws>/data/classes.json",
+    "train-batch-larger-than-training-frames":
+        "error: models.tiny.batch_size (5000) is larger than the 14 training frames; lower it "
+        "to at most 14",
+    "train-batch-exceeds-memory":
+        "error: models.tiny.batch_size: 4 image(s) of 32768x32768 per step need about ... GiB "
+        "to train (a rough estimate, ... GiB per image), more than the ... GiB free on cpu; "
+        "lower models.tiny.batch_size or models.tiny.augment.crop",
+    "models-params-nan-lr":
+        "error: <ws>/params.yaml: 'models.tiny.optimizer.lr' must be a finite number, got nan",
     "swa-missing-checkpoint":
         "error: <ws>/runs/tiny_f0_s0/train/last.pt: checkpoint not found "
         "(needed to compare with SWA)",
@@ -490,7 +781,37 @@ ERROR_LINES = {
         "error: <ws>/oof_preds/aux_s0: no test map of frame 'v2_00' (3 of 3 test frames missing)",
     "ensemble-params-typo":
         "error: <ws>/params.yaml: unknown key 'ensemble.n_strng'; valid keys of 'ensemble': "
-        "alpha_grid, ..., n_strong, ...",
+        "allow_partial, alpha_grid, ..., n_strong, ...",
+    "ensemble-partial-oof-coverage":
+        "error: <ws>/folds/folds.csv: the members' out-of-fold maps cover 3 of its 6 train "
+        "frames, 3 missing (fold 1: 3 of its 3); run the missing folds' training and inference, "
+        "or set ensemble.allow_partial: true to fit on the covered frames only",
+    "ensemble-truncated-map-keeps-the-study":
+        "error: <ws>/oof_preds/weak_s0/f0/oof/v0_01.npz: corrupt or truncated probability map "
+        "(BadZipFile: ...)",
+    "ensemble-apply-non-finite-weight":
+        "error: <ws>/ensemble/weights.json: alpha and beta must be finite numbers >= 0, got "
+        "alpha=nan, beta=0.4",
+    "ensemble-apply-nan-test-map":
+        "error: <ws>/oof_preds/strong_s1/f0/test/v2_01.npz: probs hold nan, inf or values "
+        "outside [0, 1]",
+    "ensemble-apply-test-map-of-another-dtype":
+        "error: <ws>/oof_preds/strong_s1/f0/test/v2_01.npz: stored with quant uint8 (its "
+        "run's meta.json: float16)",
+    "ensemble-member-of-params-without-maps":
+        "error: <ws>/oof_preds/strong_s2: no maps of member 'strong_s2', which <ws>/params.yaml "
+        "defines (train.models x train.seeds, train.students x train.student_seeds) (also "
+        "missing: weak_s2); run its inference or drop it there",
+    "ensemble-search-while-another-runs":
+        "error: <ws>/ensemble/.search.lock: another search is writing <ws>/ensemble (pid ..., "
+        "started ...); wait for it to end",
+    "ensemble-class-names-reordered":
+        "error: <ws>/oof_preds/aux_s0/f0/meta.json: member 'aux_s0' was predicted with class 1 "
+        "= 'c' but <ws>/data/classes.json has 'b' (classes reordered or renamed); re-run its "
+        "inference",
+    "ensemble-unknown-fallback":
+        "error: <ws>/params.yaml: ensemble.fallback: unknown fallback 'bset'; valid: "
+        "best_single, none",
     "submit-cityscapes-format-on-demo":
         "error: submission format 'cityscapes' does not fit dataset 'demo' (classes.json); "
         "formats for it: folder, vspw",
@@ -500,4 +821,23 @@ ERROR_LINES = {
     "submit-params-typo":
         "error: <ws>/params.yaml: unknown key 'submit.fromat'; valid keys of 'submit': "
         "format, ...",
+    "submit-out-overwrites-weights":
+        "error: --out/--name: <ws>/weights.json would overwrite the ensemble weights "
+        "<ws>/weights.json, an input of this stage; choose another output path",
+    "submit-read-only-out":
+        "error: <ws>/submissions: cannot write the submission (Permission denied)",
+    "evaluate-out-overwrites-zip":
+        "error: --out: <ws>/submissions/submission.zip would overwrite the predictions "
+        "<ws>/submissions/submission.zip, an input of this stage; choose another output path",
+    "evaluate-zip-duplicate-entry":
+        "error: <ws>/sub.zip: entry 'vid001_0001.png' appears 2 times; which copy is meant is "
+        "ambiguous",
+    "evaluate-zip-entry-of-no-frame":
+        "error: <ws>/sub.zip: 1 entr(ies) match no 'test' frame of <ws>/data/manifest.csv; "
+        "first: 'vid009_0000.png' (the folder layout is <id>.png)",
+    "evaluate-zip-bomb":
+        "error: <ws>/sub.zip:vid000_0001.png: inflates to 33554432 bytes, more than a 8x12 "
+        "8-bit PNG can take (1048784); not read",
+    "evaluate-read-only-out":
+        "error: <ws>/ro/score.json: cannot write (Permission denied)",
 }

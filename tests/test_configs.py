@@ -101,3 +101,33 @@ def test_demo_defaults_exercise_every_technique():
     assert any(models[n].get("distill", {}).get("teacher") for n in configs)
     tta = params["infer"]["tta"]
     assert len(tta["scales"]) >= 2 and tta["flip"]
+
+
+@pytest.mark.parametrize("where, value, key, shown", [
+    ("optimizer", {"name": "adamw", "lr": float("nan")}, "models.fpn_r10.optimizer.lr", "nan"),
+    ("loss", [{"name": "ce"}, {"name": "dice", "weight": float("inf")}],
+     "models.fpn_r10.loss[1].weight", "inf"),
+    ("grad_clip", float("-inf"), "models.fpn_r10.grad_clip", "-inf"),
+], ids=["nested-key", "list-item", "top-level"])
+def test_non_finite_numbers_are_refused_naming_the_key_path(tmp_path, where, value, key, shown):
+    from pipeline.errors import PipelineError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["models"]["fpn_r10"][where] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert ".nan" in path.read_text() or ".inf" in path.read_text()  # YAML's spelling
+    with pytest.raises(PipelineError) as err:
+        load_model_params("fpn_r10", path)
+    assert str(err.value) == f"{path}: '{key}' must be a finite number, got {shown}"
+
+
+def test_every_section_refuses_non_finite_numbers(tmp_path):
+    from pipeline.errors import PipelineError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ensemble"]["alpha_grid"]["step"] = float("nan")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError, match=r"'ensemble.alpha_grid.step' must be a finite number"):
+        load_section(EnsembleParams, "ensemble", path)

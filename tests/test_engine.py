@@ -8,7 +8,9 @@ import csv
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +267,243 @@ def test_resume_check_tolerates_float_rounding_of_the_stored_prior():
     other_prior = {"config": {**config, "model": {"arch": "unet", "logit_adjust": {
         "prior": [0.2, 0.8], "tau": 0.03}}}}
     assert not _compatible(other_prior, config)
+
+
+# ----------------------------------------------------------------------------- distillation
+GN_LA = {"arch": "Unet", "encoder": "tu-test_efficientnet_gn", "num_classes": 3,
+         "decoder_channels": [16, 16, 8, 8, 8], "decoder_use_norm": "identity"}
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_identical_teacher_and_student_distill_to_exactly_zero_with_logit_adjustment(head):
+    """The student trains in train mode (prior bias on), the teacher predicts in eval mode (off):
+    distillation compares both without it. GroupNorm only, so that train and eval mode differ
+    in nothing else."""
+    from pipeline.data.manifest import ClassInfo
+    from pipeline.models import build_model
+
+    student = build_model(**GN_LA, logit_adjust={"tau": 1.0, "prior": [8.0, 1.0, 1.0],
+                                                 "head": head}).train()
+    teacher = copy.deepcopy(student).eval()
+    cfg = parse_model_params("kd", {"distill": {"teacher": "t", "temperature": 2.0}})
+    loss_fn = engine.build_run_loss(cfg, classes=ClassInfo(names=["a", "b", "c"], palette=[]),
+                                    distill=True)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    logits, bare, teacher_logits = engine.student_teacher_logits(student, teacher, images)
+    _, parts = loss_fn(logits, target, teacher_logits=teacher_logits, student_logits=bare)
+    assert parts["distill"].item() == 0.0
+    with torch.no_grad():
+        assert torch.equal(logits, student(images))  # the other losses still see the prior
+    # comparing the student's plain train-mode output (as before) is not zero
+    _, naive = loss_fn(logits, target, teacher_logits=teacher_logits)
+    assert naive["distill"].item() > 0.01
+
+
+@pytest.mark.parametrize("labelled_only", [True, False])
+def test_distill_labelled_only_leaves_void_pixels_out(labelled_only):
+    from pipeline.data.manifest import ClassInfo
+
+    distill = {"teacher": "t"} if labelled_only else {"teacher": "t", "labelled_only": False}
+    cfg = parse_model_params("kd", {"distill": distill})
+    assert cfg.distill.labelled_only is labelled_only  # true by default
+    loss_fn = engine.build_run_loss(cfg, classes=ClassInfo(names=["a", "b", "c"], palette=[]),
+                                    distill=True)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    target[:, :3] = 255  # void (and padding) pixels
+    student, teacher = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+    moved = torch.where((target == 255).unsqueeze(1), teacher + 5 * torch.randn(2, 3, 8, 8), teacher)
+    a = loss_fn(student, target, teacher_logits=teacher)[1]["distill"]
+    b = loss_fn(student, target, teacher_logits=moved)[1]["distill"]
+    assert torch.equal(a, b) is labelled_only
+
+
+# ----------------------------------------------------------------------------- teacher folds
+def test_a_teacher_that_has_seen_the_student_validation_frames_is_refused(demo_workspace):
+    from pipeline.errors import PipelineError
+
+    ws = demo_workspace
+    digests = engine.data_digests(_data(ws, 0))
+    ok = {"fold": 0, "config": {"data": digests}}
+    engine.check_teacher(ok, "t.pt", student="kd", fold=0, digests=digests)
+    engine.check_teacher({"fold": 1}, "t.pt", student="kd", fold="all", digests=digests)
+    for ckpt, says in (({"fold": 1}, "fold 1 held out"), ({"fold": "all"}, "fold all held out"),
+                       ({"fold": None}, "an unrecorded fold held out")):
+        with pytest.raises(PipelineError) as err:
+            engine.check_teacher(ckpt, "t.pt", student="kd", fold=0, digests=digests)
+        assert str(err.value).startswith("models.kd.distill.teacher: teacher t.pt was trained "
+                                         f"with {says}, but the student holds out fold 0")
+    other = {"fold": 0, "config": {"data": engine.data_digests(_data(ws, 1))}}
+    with pytest.raises(PipelineError, match="fold 0 of another fold assignment"):
+        engine.check_teacher(other, "t.pt", student="kd", fold=0, digests=digests)
+
+
+# ----------------------------------------------------------------------------- what a run learned from
+def _swap_a_video(ws, tmp_path):
+    """folds.csv with the first video of fold 1 moved to fold 0."""
+    lines = ws.folds.read_text().splitlines()
+    moved = next(ln.split(",")[1] for ln in lines[1:] if ln.endswith(",1"))
+    path = tmp_path / "folds.csv"
+    path.write_text("\n".join(lines[:1] + [ln[:-1] + "0" if ln.split(",")[1] == moved else ln
+                                           for ln in lines[1:]]) + "\n")
+    return path
+
+
+def test_a_run_starts_over_when_its_folds_or_frames_change(demo_workspace, tmp_path, capsys):
+    """Without logit adjustment (whose prior, part of the config, also changes with the data)."""
+    import shutil
+
+    from pipeline.data.manifest import read_manifest, write_manifest
+
+    ws = demo_workspace
+    cfg = _cfg(ws, iters=4, val_interval=4, ckpt_interval=2, swa={"iters": 0})
+    assert not cfg.logit_adjust.enabled
+    runs = tmp_path / "runs"
+    paths, _ = _train(ws, cfg, runs)
+    capsys.readouterr()
+
+    # a copy of the data whose manifest predates the digest column: the files are hashed
+    # instead, to the same digests, so the finished run is resumed (a no-op)
+    data_dir = Path(shutil.copytree(ws.data, tmp_path / "data"))
+    manifest = data_dir / "manifest.csv"
+    frames = read_manifest(manifest)
+    write_manifest(manifest, [dataclasses.replace(f, digest="") for f in frames])
+    text = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(ln.rsplit(",", 1)[0] for ln in text) + "\n")
+    assert "digest" not in manifest.read_text().splitlines()[0]
+    copied = load_run_data(manifest=manifest, classes_path=data_dir / "classes.json",
+                           counts_path=data_dir / "class_counts.npz", folds_path=ws.folds, fold=0)
+    assert all(f.digest == "" for f in copied.train_frames)
+    assert engine.data_digests(copied) == engine.data_digests(_data(ws))
+    _train(ws, cfg, runs, data=copied)
+    assert "resuming tiny_f0_s0 from iteration 4/4" in capsys.readouterr().out
+
+    # another fold assignment
+    other = load_run_data(manifest=ws.manifest, classes_path=ws.classes, counts_path=ws.counts,
+                          folds_path=_swap_a_video(ws, tmp_path), fold=0)
+    _train(ws, cfg, runs, data=other)
+    out = capsys.readouterr().out
+    assert f"{paths.last}: training frames changed (fold assignment), validation frames " \
+           f"changed (fold assignment); starting tiny_f0_s0 over\n" in out
+    assert "resuming" not in out and _iters(paths.log) == [1, 2, 3, 4]
+    _train(ws, cfg, runs, data=other)
+    assert "resuming tiny_f0_s0 from iteration 4/4" in capsys.readouterr().out
+
+    # one training mask redrawn (same ids, same folds): the old manifest's hashes see it
+    _train(ws, cfg, runs, data=copied)
+    assert "training frames changed (fold assignment)" in capsys.readouterr().out
+    mask = Path(copied.train_frames[0].mask)
+    from PIL import Image
+    with Image.open(mask) as img:
+        raw = np.asarray(img).copy()
+    raw[0, 0] = 0 if raw[0, 0] != 0 else 1
+    Image.fromarray(raw).save(mask)
+    _train(ws, cfg, runs, data=copied)
+    assert f"{paths.last}: training frames changed (image or mask contents); starting " \
+           f"tiny_f0_s0 over\n" in capsys.readouterr().out
+    # with the manifest's digest column (prepare's): a changed digest is a changed frame
+    data = _data(ws)
+    changed = dataclasses.replace(data, val_frames=[dataclasses.replace(
+        data.val_frames[0], digest="0" * 16), *data.val_frames[1:]])
+    _train(ws, cfg, runs, data=data)
+    capsys.readouterr()
+    _train(ws, cfg, runs, data=changed)
+    assert "validation frames changed (image or mask contents); starting" in capsys.readouterr().out
+
+
+def test_a_student_starts_over_when_its_teacher_changes(demo_workspace, tmp_path, capsys):
+    from pipeline.checkpoint import save_checkpoint
+
+    ws = demo_workspace
+    short = {"iters": 4, "val_interval": 4, "ckpt_interval": 2, "swa": {"iters": 0}}
+    teacher_paths, _ = _train(ws, _cfg(ws, **short), tmp_path / "runs")
+    student = _cfg(ws, "kd", **short, distill={"teacher": "tiny", "weight": 0.5})
+    paths = RunPaths(tmp_path / "runs" / "kd_f0_s0")
+
+    def run():
+        train_run(cfg=student, paths=paths, fold=0, seed=0, data=_data(ws), device=CPU,
+                  teacher=teacher_paths.best, progress=False)
+        return capsys.readouterr().out
+
+    run()
+    assert "resuming kd_f0_s0 from iteration 4/4" in run()
+    model, ckpt = model_from_checkpoint(teacher_paths.best)  # the teacher is trained again
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_checkpoint(teacher_paths.best, model=model, config=ckpt["config"],
+                    classes=ckpt["classes"], fold=0, seed=0, iteration=4)
+    assert f"{paths.last}: teacher weights changed; starting kd_f0_s0 over\n" in run()
+    assert "resuming kd_f0_s0 from iteration 4/4" in run()
+
+
+def test_swa_snapshots_and_average_go_on_a_fresh_start(demo_workspace, tmp_path, capsys):
+    ws = demo_workspace
+    cfg = _cfg(ws)
+    paths, _ = _train(ws, cfg, tmp_path)
+    assert list(paths.snapshots.iterdir())
+    paths.swa.write_bytes(b"average of the old snapshots")
+    data = _data(ws)
+    changed = dataclasses.replace(data, train_frames=[dataclasses.replace(
+        data.train_frames[0], digest="0" * 16), *data.train_frames[1:]])
+    _train(ws, _cfg(ws, swa={"iters": 0}), tmp_path, data=changed)
+    assert "starting tiny_f0_s0 over" in capsys.readouterr().out
+    assert not paths.swa.exists() and not paths.snapshots.exists()
+
+
+# ----------------------------------------------------------------------------- bad runs
+def test_training_frames_without_a_labelled_pixel_are_refused(demo_workspace, tmp_path):
+    from pipeline.data.manifest import read_class_counts, write_class_counts
+    from pipeline.errors import PipelineError
+
+    ws = demo_workspace
+    ids, counts = read_class_counts(ws.counts)
+    train = {f.id for f in _data(ws, 0).train_frames}
+    counts[[k for k, i in enumerate(ids) if i in train]] = 0
+    void = tmp_path / "class_counts.npz"
+    write_class_counts(void, ids, counts)
+    with pytest.raises(PipelineError, match=rf"{void}: the {len(train)} training frame\(s\) of "
+                                            r"--fold 0 have no labelled pixel \(all void\)"):
+        load_run_data(manifest=ws.manifest, classes_path=ws.classes, counts_path=void,
+                      folds_path=ws.folds, fold=0)
+    assert load_run_data(manifest=ws.manifest, classes_path=ws.classes, counts_path=void,
+                         folds_path=ws.folds, fold=1).prior_counts.sum() > 0
+
+
+def test_batch_size_is_the_global_batch_split_across_ranks(demo_workspace):
+    from pipeline.errors import PipelineError
+
+    cfg = _cfg(demo_workspace, batch_size=6)
+    assert engine.check_batch(cfg, train_frames=6) == 6
+    assert engine.check_batch(cfg, train_frames=20, world_size=3) == 2
+    with pytest.raises(PipelineError, match=r"models.tiny.batch_size \(6\) is the global batch "
+                                            r"of a step and must divide by the 4 DDP processes"):
+        engine.check_batch(cfg, train_frames=20, world_size=4)
+    with pytest.raises(PipelineError, match=r"models.tiny.batch_size \(6\) is larger than the 5 "
+                                            r"training frames"):
+        engine.check_batch(cfg, train_frames=5)
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_output(demo_workspace, tmp_path,
+                                                                        monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.models import build_model
+
+    ws = demo_workspace
+    model = build_model(arch="Unet", encoder="tu-test_resnet", num_classes=10,
+                        decoder_channels=[16, 16, 8, 8, 8])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    small, large = (engine.activation_bytes(model, hw) for hw in ((64, 64), (256, 512)))
+    assert 0 < small and large == pytest.approx(32 * small)  # measured at 64x64, scaled
+    assert torch.equal(rng, torch.get_rng_state())  # the probe draws nothing, changes nothing
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    monkeypatch.setattr(engine, "available_memory", lambda device: 2 ** 20)  # 1 MiB
+    with pytest.raises(PipelineError) as err:
+        _train(ws, _cfg(ws), tmp_path / "runs")
+    assert str(err.value).startswith("models.tiny.batch_size: 4 image(s) of 32x32 per step need "
+                                     "about ")
+    assert "more than the 1.0 MiB free on cpu; lower models.tiny.batch_size or " \
+           "models.tiny.augment.crop" in str(err.value)
+    assert not (tmp_path / "runs").exists()

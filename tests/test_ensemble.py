@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_clas
 from pipeline.errors import PipelineError, run_cli
 from pipeline.metrics import confusion_matrix, mean_iou
 from pipeline.probstore import list_members, run_map_dir, write_probs, write_run_meta
+from pipeline.splits import write_folds
 
 # Four kinds of pixel rows (gt class; S, W, A probabilities of 3 classes). Each is right only
 # on one side of a threshold: T1 needs alpha > 0.95, T2 alpha < 1.05, T3 beta > 0.35 and T4
@@ -56,10 +59,12 @@ def pattern(shift: int = 0, tile: int = 1) -> tuple[np.ndarray, dict[str, np.nda
 
 def build(root: Path, *, members=MEMBERS, videos: int = 4, frames: int = 10,
           ensemble_params: dict | None = None, quant: str = "float16",
-          tile: int = 1) -> dict[str, Path]:
+          tile: int = 1, train: dict | None = None, make_map=None) -> dict[str, Path]:
     """data/ (manifest with ``videos`` train videos of ``frames`` frames + one test video),
-    oof_preds/ (2 folds: video v is out-of-fold in fold v % 2; test maps in both) and
-    params.yaml. Each member's map is its group's pattern, shifted per video (and tiled)."""
+    folds/folds.csv, oof_preds/ (2 folds: video v is out-of-fold in fold v % 2; test maps in
+    both) and params.yaml (with ``train`` as its train: section when given; without one every
+    member found is ensembled). Each member's map is its group's pattern, shifted per video
+    (and tiled), or ``make_map(member, gt)``."""
     data, oof = root / "data", root / "oof_preds"
     rows = []
     for v in range(videos + 1):
@@ -73,6 +78,10 @@ def build(root: Path, *, members=MEMBERS, videos: int = 4, frames: int = 10,
             rows.append(Frame(id=fid, image=str(data / "img.jpg"), mask=str(path), video=f"v{v}",
                               frame=i, split=split, height=gt.shape[0], width=gt.shape[1]))
     write_manifest(data / "manifest.csv", rows)
+    train_rows = [f for f in rows if f.split == "train"]
+    write_folds(root / "folds" / "folds.csv", ids=[f.id for f in train_rows],
+                videos=[f.video for f in train_rows],
+                folds=[int(f.video[1:]) % 2 for f in train_rows])
     write_classes(data / "classes.json", ClassInfo(names=["a", "b", "c"],
                                                    palette=default_palette(3)))
     for member, group in members.items():
@@ -83,22 +92,26 @@ def build(root: Path, *, members=MEMBERS, videos: int = 4, frames: int = 10,
                 v = int(f.video[1:])
                 split = "test" if f.split == "test" else ("oof" if v % 2 == fold else None)
                 if split:
-                    write_probs(run / split / f"{f.id}.npz", pattern(v, tile)[1][group],
-                                quant=quant)
+                    gt, maps = pattern(v, tile)
+                    write_probs(run / split / f"{f.id}.npz",
+                                make_map(member, gt) if make_map else maps[group], quant=quant)
                     counts[split] += 1
             write_run_meta(run, {"member": member, "fold": fold, "seed": 0, "classes": 3,
-                                 "quant": quant, "stride": 1, "checkpoint": "x.pt", "tta": {},
-                                 "counts": counts})
+                                 "class_names": ["a", "b", "c"], "quant": quant, "stride": 1,
+                                 "checkpoint": "x.pt", "tta": {}, "counts": counts})
     (oof / ".gitignore").write_text("/strong_s0\n")  # DVC writes one: not a member
     params = {"models": {name: {"family": fam} for name, fam in FAMILIES.items()},
               "ensemble": {"workers": 1, "chunk_frames": 7, **(ensemble_params or {})}}
+    if train is not None:
+        params["train"] = train
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"data": data, "oof": oof, "out": root / "ensemble", "params": root / "params.yaml"}
+    return {"data": data, "oof": oof, "out": root / "ensemble", "params": root / "params.yaml",
+            "folds": root / "folds" / "folds.csv"}
 
 
 def argv(ws: dict[str, Path], mode: str = "--search") -> list[str]:
     return [mode, "--oof", str(ws["oof"]), "--data", str(ws["data"]), "--out", str(ws["out"]),
-            "--params", str(ws["params"]), "--no-progress"]
+            "--params", str(ws["params"]), "--folds", str(ws["folds"]), "--no-progress"]
 
 
 def explicit(**extra) -> dict:
@@ -145,6 +158,9 @@ def test_search_finds_planted_weights_on_full_grid(tmp_path):
     assert metrics["S_mIoU"] == pytest.approx(_brute_force(ws, 0.0, 0.0), abs=0)
     assert metrics["S_W_mIoU"] == pytest.approx(_brute_force(ws, metrics["alpha_S_W"], 0.0), abs=0)
     assert metrics["S_W_A_mVC8"] == 1.0 and metrics["S_W_A_mVC16"] is None  # 10-frame videos
+    assert (metrics["oof_frames"], metrics["oof_frames_missing"], metrics["partial"]) == (
+        40, 0, False)
+    assert metrics["fallback"] is None and weights["fallback"] is None
     out = ws["out"]
     for name in ("weights.json", "metrics.json", "members.json", "heatmap.png", "study.db",
                  "grid_scores.npz"):
@@ -392,10 +408,13 @@ def test_errors_on_missing_or_empty_predictions(tmp_path, capsys):
 def test_errors_on_mismatched_maps(tmp_path, capsys):
     ws = build(tmp_path, videos=2, frames=3, ensemble_params=explicit(alpha_grid=SMALL))
     bad = run_map_dir(ws["oof"], "weak_s1", 1) / "oof" / "v1_02.npz"
-    write_probs(bad, np.full((3, SHAPE[0], SHAPE[1] + 2), 1 / 3, np.float32))
+    write_probs(bad, np.full((3, SHAPE[0], SHAPE[1] + 2), 1 / 3, np.float32), quant="float16")
     err = _error(capsys, argv(ws))
     assert "weak_s1" in err and "v1_02" in err and "[3, 8, 8]" in err
-    write_probs(bad, np.full((3, *SHAPE), 1 / 3, np.float32))
+    write_probs(bad, np.full((3, *SHAPE), 1 / 3, np.float32))  # another dtype than its member's
+    err = _error(capsys, argv(ws))
+    assert "weak_s1/f1/oof/v1_02.npz" in err and "quant uint8" in err and "float16" in err
+    write_probs(bad, np.full((3, *SHAPE), 1 / 3, np.float32), quant="float16")
     meta_path = run_map_dir(ws["oof"], "aux_s0", 0) / "meta.json"
     meta = json.loads(meta_path.read_text())
     for fold in (0, 1):
@@ -462,25 +481,18 @@ def test_apply_error_on_test_map_size_and_unusable_study(searched, capsys):
     assert "study.db" in err and "cannot open the Optuna study" in err
 
 
-def test_bulk_trial_insert_stores_what_add_trials_stores(tmp_path, monkeypatch):
+def test_study_holds_each_grid_point_once_with_its_exact_score(tmp_path):
     scores = {(a, b): a - 2 * b for a in SMALL for b in SMALL}
-    ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=tmp_path / "bulk.db",
-                         fingerprint="fp")
-    monkeypatch.setattr(ensembling, "_bulk_insert", lambda *args: False)  # Optuna's own path
-    ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=tmp_path / "orm.db",
-                         fingerprint="fp")
-
-    def stored(name):
-        study = optuna.load_study(study_name=ensembling.STUDY_NAME,
-                                  storage=f"sqlite:///{tmp_path / name}")
-        return [(t.number, t.state, t.params, t.distributions, t.values, t.user_attrs,
-                 t.system_attrs, t.datetime_start is not None, t.datetime_complete is not None)
-                for t in study.trials], study.best_params
-
-    bulk, orm = stored("bulk.db"), stored("orm.db")
-    assert len(bulk[0]) == len(SMALL) ** 2
-    assert bulk == orm
-    assert bulk[1] == {"alpha": SMALL[-1], "beta": 0.0}
+    trials = ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL,
+                                  db=tmp_path / "study.db", fingerprint="fp")
+    study = optuna.load_study(study_name=ensembling.STUDY_NAME,
+                              storage=f"sqlite:///{tmp_path / 'study.db'}")  # Optuna's own tools
+    stored = [(t.params["alpha"], t.params["beta"], t.value, t.state) for t in study.trials]
+    assert stored == [(a, b, a - 2 * b, optuna.trial.TrialState.COMPLETE)
+                      for a in SMALL for b in SMALL]  # grid order, once each
+    assert len(trials) == len(SMALL) ** 2
+    assert study.best_params == {"alpha": SMALL[-1], "beta": 0.0}
+    assert study.user_attrs["fingerprint"] == "fp"
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -491,26 +503,44 @@ def _trial_points(db: Path) -> list[tuple[float, float]]:
 
 
 def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_root):
-    ws = build(tmp_path / "ws", ensemble_params=explicit(alpha_grid=SMALL, beta_grid=SMALL))
-    out = ws["out"]
+    # SIGKILL from outside at two real points: as the grid pass saves its first chunk of label
+    # records (8 chunks of one video each), and as the search prints that its study is
+    # stored (the fused rows, heatmap, cache and outputs are still to come)
+    ws = build(tmp_path / "ws", videos=8, tile=8,
+               ensemble_params=explicit(alpha_grid=SMALL, beta_grid=SMALL, chunk_frames=10))
+    out, log = ws["out"], tmp_path / "stdout.txt"
 
-    def search(kill_at: str | None = None) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k != "SEGPIPE_TEST_KILL_AT"}
-        env.update(OMP_NUM_THREADS="1", **({"SEGPIPE_TEST_KILL_AT": kill_at} if kill_at else {}))
-        return subprocess.run([sys.executable, str(repo_root / "pipeline" / "ensemble.py"),
-                               "--search", "--no-progress"], cwd=tmp_path / "ws", env=env,
-                              capture_output=True, text=True, timeout=300)
+    def search(kill_when=None) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with log.open("w") as stdout:
+            proc = subprocess.Popen([sys.executable, str(repo_root / "pipeline" / "ensemble.py"),
+                                     "--search", "--no-progress"], cwd=tmp_path / "ws", env=env,
+                                    stdout=stdout, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 300
+                while kill_when is not None and proc.poll() is None:
+                    if kill_when():
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+                    assert time.monotonic() < deadline, "the kill point never came"
+                    time.sleep(0.001)
+                return proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
-    # killed after the grid pass: its label records are left behind, nothing else
-    assert search("pass").returncode == -signal.SIGKILL
-    assert list(out.glob(f"{ensembling.RECORDS}*")) and not (out / "study.db").exists()
-    # killed again once the study is stored, before any output
-    assert search("study").returncode == -signal.SIGKILL
-    assert len(_trial_points(out / "study.db")) == len(SMALL) ** 2
-    assert not any((out / name).exists() for name in ("weights.json", "metrics.json",
-                                                      "members.json", "grid_scores.npz"))
-    done = search()
-    assert done.returncode == 0, done.stderr
+    outputs = ("weights.json", "metrics.json", "members.json", "grid_scores.npz", "study.db")
+    # killed in the grid pass: its label records are left behind, nothing else
+    assert search(lambda: any(out.glob(f"{ensembling.RECORDS}*/chunk*.npz"))) == -signal.SIGKILL
+    assert list(out.glob(f"{ensembling.RECORDS}*"))
+    assert not any((out / name).exists() for name in outputs)
+    # killed once the study is stored (in its work file, beside study.db), before any output
+    assert search(lambda: "study: " in log.read_text()) == -signal.SIGKILL
+    work = list(out.glob(f".{ensembling.STUDY_DB}.*.tmp"))
+    assert len(work) == 1 and len(_trial_points(work[0])) == len(SMALL) ** 2
+    assert not any((out / name).exists() for name in outputs)
+    assert search() == 0
+    assert f"{len(SMALL) ** 2} grid points, 0 new" in log.read_text()  # the study resumed
     clean = ensemble.main(argv({**ws, "out": tmp_path / "clean"}))
     weights = json.loads((out / "weights.json").read_text())
     assert (weights["alpha"], weights["beta"]) == PLANTED and weights["oof_mIoU"] == 1.0
@@ -520,7 +550,8 @@ def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_r
     points = _trial_points(out / "study.db")
     assert sorted(points) == sorted((a, b) for a in SMALL for b in SMALL)  # each exactly once
     assert weights["study"]["trials"] == len(points)
-    assert not list(out.glob(f"{ensembling.RECORDS}*"))  # the records are cleaned up
+    # the records, the work file and the lock are gone
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_search_memory_does_not_grow_with_the_frames(tmp_path, monkeypatch):
@@ -578,3 +609,201 @@ def test_search_memory_does_not_grow_with_the_frames(tmp_path, monkeypatch):
     one_map = 3 * 64 * 48 * 4  # float32 [C, H, W]
     assert few > 3 * one_map  # the pass holds a frame's maps...
     assert many < 1.5 * few, (few, many)  # ...but not those of more frames
+
+
+# ----------------------------------------------------------------------------- members, fallback
+def _edit_params(ws, **sections) -> dict:
+    """Merge ``sections`` ({section: {key: value}}) into the workspace's params.yaml."""
+    params = yaml.safe_load(ws["params"].read_text())
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    ws["params"].write_text(yaml.safe_dump(params))
+    return params
+
+
+def test_members_are_exactly_those_the_params_define(tmp_path, capsys):
+    members = {"strong_s0": "S", "weak_s0": "W", "aux_s0": "A", "old_s0": "W", "kd_s0": "W"}
+    ws = build(tmp_path, members=members, videos=2, frames=3,
+               train={"models": ["strong", "weak", "aux"], "seeds": [0], "students": [],
+                      "student_seeds": [0]},
+               ensemble_params={"n_strong": 1, "alpha_grid": SMALL, "beta_grid": SMALL})
+    _edit_params(ws, models={"old": {"family": "primary"},
+                             "kd": {"family": "primary", "distill": {"teacher": "strong"}}})
+    capsys.readouterr()
+    result = ensemble.main(argv(ws))
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "ignoring" in ln]
+    assert len(said) == 1 and "kd_s0, old_s0" in said[0] and str(ws["oof"]) in said[0]
+    used = {n for names in result["weights"]["fused"]["groups"].values() for n in names}
+    assert used == {"strong_s0", "weak_s0", "aux_s0"}
+    assert set(json.loads((ws["out"] / "members.json").read_text())) == used
+    # the student back in train.students: a member again
+    _edit_params(ws, train={"students": [{"name": "kd", "teacher": "strong"}]})
+    result = ensemble.main(argv(ws))
+    assert "kd_s0" in {n for names in result["weights"]["fused"]["groups"].values() for n in names}
+    assert "ignoring the maps of old_s0 " in capsys.readouterr().out
+    # members the params define without maps: an error naming them
+    _edit_params(ws, train={"seeds": [0, 1]})
+    err = _error(capsys, argv(ws))
+    assert "oof_preds/aux_s1: no maps of member 'aux_s1'" in err and "kd_s1" not in err
+    assert "also missing: strong_s1, weak_s1" in err and "train.models x train.seeds" in err
+
+
+def test_partial_oof_coverage_is_refused_unless_allowed(tmp_path, capsys):
+    ws = build(tmp_path, videos=2, frames=3, ensemble_params=explicit(alpha_grid=SMALL))
+    for member in MEMBERS:  # fold 1 never trained: no member has its maps
+        shutil.rmtree(run_map_dir(ws["oof"], member, 1))
+    err = _error(capsys, argv(ws))
+    assert err.startswith(f"error: {ws['folds']}: ") and "cover 3 of its 6 train frames" in err
+    assert "fold 1: 3 of its 3" in err and "ensemble.allow_partial: true" in err
+    assert not (ws["out"] / "weights.json").exists()
+    _edit_params(ws, ensemble={"allow_partial": True})
+    capsys.readouterr()
+    result = ensemble.main(argv(ws))
+    printed = capsys.readouterr().out
+    for written in (result["metrics"], json.loads((ws["out"] / "metrics.json").read_text()),
+                    json.loads((ws["out"] / "weights.json").read_text())):
+        assert (written["oof_frames"], written["oof_frames_missing"], written["partial"],
+                written["missing_folds"]) == (3, 3, True, {"1": 3})
+    assert "partial: fitted on 3 of the 6 train frames (3 missing: fold 1: 3;" in printed
+
+
+def _good_or_bad(member: str, gt: np.ndarray) -> np.ndarray:
+    """good_*: 0.8 on the true class; bad_*: 0.7 on the next one (the mean of one good and two
+    bad members puts 0.5 there and 0.37 on the truth)."""
+    good = member.startswith("good")
+    truth = np.where(gt == 255, 0, gt).astype(np.intp)
+    probs = np.full((3, *gt.shape), 0.1 if good else 0.15, np.float32)
+    np.put_along_axis(probs, (truth if good else (truth + 1) % 3)[None], 0.8 if good else 0.7,
+                      axis=0)
+    return probs
+
+
+def test_fallback_to_the_best_single_member_when_fusion_is_worse(tmp_path, capsys):
+    members = {"good_s0": "S", "bad_s0": "S", "bad_s1": "S"}
+    ws = build(tmp_path, members=members, videos=2, frames=3, make_map=_good_or_bad,
+               ensemble_params={"n_strong": 10, "alpha_grid": SMALL, "beta_grid": SMALL})
+    _edit_params(ws, models={"good": {"family": "primary"}, "bad": {"family": "primary"}})
+    capsys.readouterr()
+    weights = ensemble.main(argv(ws))["weights"]
+    printed = capsys.readouterr().out
+    assert ("ensemble.n_strong 10 is more than the 3 members of family 'primary': clamped to 3"
+            in printed)
+    assert weights["fused"]["groups"] == {"S": ["bad_s0", "bad_s1", "good_s0"], "W": [], "A": []}
+    assert weights["fallback"] == "best_single"
+    assert weights["groups"] == {"S": ["good_s0"], "W": [], "A": []}
+    assert weights["oof_mIoU"] == weights["best_single"]["oof_mIoU"] == 1.0
+    assert weights["best_single"]["member"] == "good_s0" and weights["fused"]["oof_mIoU"] < 0.5
+    metrics = json.loads((ws["out"] / "metrics.json").read_text())
+    assert (metrics["fallback"], metrics["fallback_member"]) == ("best_single", "good_s0")
+    assert metrics["S_W_A_mIoU"] == weights["fused"]["oof_mIoU"] < metrics["submitted_mIoU"]
+    assert "fallback: the best fused row" in printed and "selects good_s0 alone" in printed
+    ensemble.main(argv(ws, "--apply"))
+    assert "best single member good_s0" in capsys.readouterr().out
+    for i in range(3):  # the member's test argmax
+        gt = pattern(2)[0]
+        assert np.array_equal(_read_pred(ws, f"v2_{i:02d}"), _good_or_bad("good_s0", gt).argmax(0))
+    # fallback: none keeps the fused row, with a warning
+    _edit_params(ws, ensemble={"fallback": "none"})
+    weights = ensemble.main(argv(ws))["weights"]
+    captured = capsys.readouterr()
+    assert weights["fallback"] is None and weights["groups"] == weights["fused"]["groups"]
+    assert "warning: the best fused row" in captured.err and "good_s0" in captured.err
+    _edit_params(ws, ensemble={"fallback": "bset"})
+    err = _error(capsys, argv(ws))
+    assert "ensemble.fallback" in err and "'bset'" in err and "best_single, none" in err
+
+
+def test_full_data_run_has_its_own_recorded_test_weight(tmp_path, capsys):
+    ws = build(tmp_path, videos=2, frames=3, ensemble_params=explicit(alpha_grid=SMALL,
+                                                                      beta_grid=SMALL))
+    ensemble.main(argv(ws))
+    ensemble.main(argv(ws, "--apply"))
+    folds_only = {i: _read_pred(ws, f"v2_{i:02d}") for i in range(3)}
+    # a --fold all run of strong_s0 (test maps only) that says class 2 everywhere
+    run = run_map_dir(ws["oof"], "strong_s0", "all")
+    flat = np.stack([np.full(SHAPE, p, np.float32) for p in (0.1, 0.1, 0.8)])
+    for i in range(3):
+        write_probs(run / "test" / f"v2_{i:02d}.npz", flat, quant="float16")
+    write_run_meta(run, {"member": "strong_s0", "fold": "all", "seed": 0, "classes": 3,
+                         "class_names": ["a", "b", "c"], "quant": "float16", "stride": 1,
+                         "counts": {"oof": 0, "test": 3}})
+    weights = ensemble.main(argv(ws))["weights"]
+    members = json.loads((ws["out"] / "members.json").read_text())
+    assert weights["full_data_weight"] == 0.0
+    for mixes in (weights["members"], members):
+        assert mixes["strong_s0"]["test_weights"] == {"f0": 0.5, "f1": 0.5, "fall": 0.0}
+        assert mixes["weak_s0"]["test_weights"] == {"f0": 0.5, "f1": 0.5}
+    ensemble.main(argv(ws, "--apply"))  # by default the test maps are the fold models' mean
+    assert all(np.array_equal(_read_pred(ws, f"v2_{i:02d}"), folds_only[i]) for i in range(3))
+    _edit_params(ws, ensemble={"full_data_weight": 1.0})
+    weights = ensemble.main(argv(ws))["weights"]
+    assert weights["members"]["strong_s0"]["test_weights"] == {"f0": 0.0, "f1": 0.0, "fall": 1.0}
+    ensemble.main(argv(ws, "--apply"))
+    by_name = {m.name: m for m in list_members(ws["oof"])}
+    for i in range(3):
+        fid = f"v2_{i:02d}"
+        groups = {g: [by_name[n].read_test(fid, folds=["all"] if n == "strong_s0" else [0, 1])
+                      for n in sorted(MEMBERS) if MEMBERS[n] == g] for g in fusion.GROUPS}
+        expected = fusion.fuse_labels(*(fusion.group_mean(groups[g]) for g in fusion.GROUPS),
+                                      alpha=weights["alpha"], beta=weights["beta"])
+        assert np.array_equal(_read_pred(ws, fid), expected)
+    assert not np.array_equal(_read_pred(ws, "v2_00"), folds_only[0])
+    _edit_params(ws, ensemble={"full_data_weight": 1.5})
+    assert "ensemble.full_data_weight must be a number in [0, 1]" in _error(capsys, argv(ws))
+
+
+def test_class_names_are_compared_with_classes_json(tmp_path, capsys):
+    ws = build(tmp_path, videos=2, frames=3, ensemble_params=explicit(alpha_grid=SMALL))
+    meta = run_map_dir(ws["oof"], "weak_s0", 1) / "meta.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**doc, "class_names": ["a", "c", "b"]}))
+    err = _error(capsys, argv(ws))
+    assert f"{meta}: member 'weak_s0'" in err and "class 1 = 'c'" in err and "has 'b'" in err
+    meta.write_text(json.dumps({k: v for k, v in doc.items() if k != "class_names"}))
+    err = _error(capsys, argv(ws))
+    assert f"{meta}: no class_names" in err and "weak_s0" in err
+
+
+def test_non_finite_weights_are_refused(searched, capsys):
+    ws, _ = searched
+    path = ws["out"] / "weights.json"
+    weights = json.loads(path.read_text())
+    for bad in ({"alpha": float("nan")}, {"beta": float("inf")}):
+        path.write_text(json.dumps({**weights, **bad}))  # NaN / Infinity literals
+        err = _error(capsys, argv(ws, "--apply"))
+        assert str(path) in err and "must be finite" in err
+    mix = {"f0": float("nan"), "f1": 0.5}
+    path.write_text(json.dumps({**weights, "members": {
+        **weights["members"], "weak_s0": {**weights["members"]["weak_s0"], "test_weights": mix}}}))
+    assert "test_weights of member 'weak_s0'" in _error(capsys, argv(ws, "--apply"))
+
+
+def test_one_search_at_a_time(searched, capsys, repo_root):
+    ws, _ = searched
+    with ensembling.search_lock(ws["out"]) as lock:
+        holder = lock.read_text().strip()
+        assert holder.startswith(f"pid {os.getpid()}, started ")
+        err = _error(capsys, argv(ws))
+        assert err == (f"error: {lock}: another search is writing {ws['out']} ({holder}); "
+                       f"wait for it to end")
+        done = subprocess.run([sys.executable, str(repo_root / "pipeline" / "ensemble.py"),
+                               *argv(ws)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == err
+    assert not lock.exists()  # released: the next search runs
+    ensemble.main(argv(ws))
+
+
+def test_a_study_locked_by_another_process_is_not_to_be_deleted(searched, capsys):
+    ws, _ = searched
+    db = sqlite3.connect(ws["out"] / "study.db", timeout=0)
+    try:
+        db.execute("BEGIN EXCLUSIVE")  # a reader (a dashboard, a script) holding the database
+        with pytest.raises(PipelineError) as err:
+            ensembling.open_study(alphas=SMALL, betas=SMALL, db=ws["out"] / "study.db",
+                                  fingerprint="fp")
+    finally:
+        db.rollback()
+        db.close()
+    assert "locked by another process" in str(err.value) and "delete" not in str(err.value)

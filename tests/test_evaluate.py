@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 
 from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
 from pipeline.errors import run_cli
-from pipeline.evaluate import main
+from pipeline.evaluate import evaluate_predictions, main
 
 NUM_CLASSES = 3
 SHAPE = (8, 10)  # H x W
@@ -160,6 +162,7 @@ def test_zip_scores_like_its_folder(dataset):
     from_zip = json.loads((sub / "s.zip.eval.json").read_text())
     from_folder = json.loads((sub / "same_as_zip.eval.json").read_text())
     assert from_zip.pop("format") == "folder"
+    assert from_zip.pop("sha256") == hashlib.sha256((sub / "s.zip").read_bytes()).hexdigest()
     assert from_zip.pop("predictions") != from_folder.pop("predictions")
     assert from_zip == from_folder and from_zip["mIoU"] < 1.0
 
@@ -190,3 +193,99 @@ def test_unlabelled_split_is_noted_when_labels_are_not_required(dataset, capsys)
     # labelled splits are still scored, and a missing split stays an error by default
     params.write_text("evaluate: {split: test, require_labels: false}\n")
     assert main([str(preds), "--manifest", manifest, "--params", str(params)])["mIoU"] is not None
+
+
+# ----------------------------------------------------------------------------- definitions
+def _one_frame(tmp_path: Path, gt: np.ndarray, names: list[str]):
+    _save(tmp_path / "m.png", gt)
+    frame = Frame(id="f", image="", mask=str(tmp_path / "m.png"), video="v", frame=0, split="test",
+                  height=gt.shape[0], width=gt.shape[1])
+    return [frame], ClassInfo(names=names, palette=default_palette(len(names)))
+
+
+def test_void_prediction_is_a_miss_of_the_true_class_only(tmp_path):
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 0]])
+    pred = np.array([[0, 255, 1, 2], [2, 255, 255, 0]], dtype=np.uint8)
+    frames, classes = _one_frame(tmp_path, gt, ["a", "b", "c"])
+    summary = evaluate_predictions(frames, classes, lambda f: pred, progress=False)
+    # 7 labelled pixels (the void one is dropped): class 0: TP 2, FN 1 (missed) -> 2/3;
+    # class 1: TP 1, FN 1 (predicted 2) -> 1/2, no FP from the misses; class 2: TP 1, FP 1,
+    # FN 1 (missed) -> 1/3. mIoU (2/3 + 1/2 + 1/3) / 3 = 1/2; the old "(gt + 1) % C" scoring
+    # gave class 1 a false positive (1/3) and class 0 one too (2/4).
+    per_class = {k: v["iou"] for k, v in summary["per_class"].items()}
+    assert per_class == pytest.approx({"a": 2 / 3, "b": 1 / 2, "c": 1 / 3})
+    assert summary["mIoU"] == pytest.approx(0.5)
+    assert summary["pixel_accuracy"] == pytest.approx(4 / 7)
+    assert summary["labelled_pixels"] == 7 and summary["unpredicted_pixels"] == 2
+    assert summary["per_class"]["b"]["pred_pixels"] == 1  # the misses predicted nothing
+    assert summary["miou_definition"] == "mean over classes with TP+FP+FN > 0"
+
+
+def test_void_prediction_with_one_class_and_a_class_absent_from_gt(tmp_path):
+    # one class: the miss is still wrong (there is no "other" class to blame): IoU 1/2
+    frames, classes = _one_frame(tmp_path, np.zeros((1, 2)), ["only"])
+    summary = evaluate_predictions(frames, classes, lambda f: np.array([[0, 255]], np.uint8),
+                                   progress=False)
+    assert summary["mIoU"] == pytest.approx(0.5) and summary["pixel_accuracy"] == pytest.approx(0.5)
+    # issue 12's example: class 2 predicted, absent from gt -> IoU 0 counted: 50.0, not 75.0
+    frames, classes = _one_frame(tmp_path, np.array([[0, 0, 1, 1]]), ["a", "b", "c"])
+    summary = evaluate_predictions(frames, classes, lambda f: np.array([[0, 2, 1, 1]], np.uint8),
+                                   progress=False)
+    assert 100 * summary["mIoU"] == pytest.approx(50.0)
+
+
+def test_definition_stated_once_in_table_and_json(dataset, capsys):
+    tmp_path, masks = dataset
+    _write_preds(tmp_path / "preds", masks)
+    assert _run(tmp_path, str(tmp_path / "preds")) == 0
+    out = capsys.readouterr().out
+    assert out.count("TP+FP+FN > 0") == 1
+    text = (tmp_path / "preds.eval.json").read_text()
+    assert text.count("TP+FP+FN > 0") == 1 and '"miou_definition"' in text
+
+
+# ----------------------------------------------------------------------------- outputs
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_out_may_not_overwrite_an_input(dataset, capsys):
+    tmp_path, masks = dataset
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _write_zip(sub / "s.zip", masks)
+    before = _files(tmp_path)
+    _assert_error(tmp_path, capsys, [str(sub / "s.zip"), "--format", "folder", "--out", str(sub / "s.zip")],
+                  "--out", "s.zip", "the predictions")
+    manifest = tmp_path / "data" / "manifest.csv"
+    link = tmp_path / "link.csv"
+    link.symlink_to(manifest)
+    before["link.csv"] = manifest.read_bytes()
+    _assert_error(tmp_path, capsys, [str(sub / "same_as_zip"), "--out", str(link)],
+                  "--out", "link.csv", "the manifest")  # through a symlink
+    _assert_error(tmp_path, capsys, [str(sub / "same_as_zip"), "--out", str(sub / "same_as_zip")],
+                  "the predictions")
+    (sub / "s.json").write_text("{}")
+    before["sub/s.json"] = b"{}"
+    _assert_error(tmp_path, capsys, [str(sub / "s.zip"), "--format", "folder", "--out", str(sub / "s.json")],
+                  "the submission JSON")
+    assert _files(tmp_path) == before
+
+
+def test_disk_full_is_one_error_line_and_no_file(dataset, capsys, monkeypatch):
+    import errno
+
+    tmp_path, masks = dataset
+    _write_preds(tmp_path / "preds", masks)
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.endswith(".tmp"):  # the atomic writer's temporary file
+            real(self, data[: len(data) // 2])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    before = _files(tmp_path)
+    _assert_error(tmp_path, capsys, [str(tmp_path / "preds")], "preds.eval.json", "No space left on device")
+    assert _files(tmp_path) == before  # the temporary is gone too

@@ -15,7 +15,8 @@ from pipeline.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_TO_LAB
 from pipeline.data.manifest import ClassInfo, Frame, default_palette
 from pipeline.errors import PipelineError
 from pipeline.formats import (FORMATS, ZIP_DATE, ZipPredictions, check_zip, expected_entries, get_format,
-                              png_bytes, write_zip, zip_format_name)
+                              png_bytes, png_size_limit, read_sidecar, sha256_of, write_zip,
+                              zip_format_name)
 
 H, W = 6, 9
 # format name, dataset, vspw offset, number of classes
@@ -271,3 +272,88 @@ def test_zip_format_name_from_sidecar_or_flag(tmp_path):
     (tmp_path / "sub.json").write_text(json.dumps({"format": "vspw", "vspw_offset": 1}))
     assert zip_format_name(zip_path) == ("vspw", 1)
     assert zip_format_name(zip_path, fmt="vspw", vspw_offset=0) == ("vspw", 0)
+
+
+# ----------------------------------------------------------------------------- untrusted zips
+def _png_header_only(height: int, width: int) -> bytes:
+    """A PNG that declares HxW 8-bit grey but holds one row of data: decoding it would
+    allocate H*W bytes, reading its header costs nothing."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def test_png_size_limit_bounds_a_legit_png():
+    # the worst legit encoding: no compression at all (PIL's level 0), and a 16-bit PNG
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (6, 9), (300, 517)):
+        noise = rng.integers(0, 256, (height, width)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+        assert len(buf.getvalue()) <= png_size_limit(height, width)
+        assert len(png_of(noise.astype(np.uint16) * 257, "I;16")) <= png_size_limit(height, width)
+    assert png_size_limit(1080, 1920) < 6 * 2**20  # a 1 GiB entry is far beyond any frame
+
+
+def test_zip_predictions_refuse_duplicates_strays_and_bombs(good_zip, tmp_path, monkeypatch):
+    path, kwargs = good_zip
+    fmt, frames = kwargs["fmt"], kwargs["frames"]
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        twice = rewrite(path, tmp_path / "twice.zip", lambda n, d: [(n, d), (n, png_of(np.ones((H, W))))]
+                        if n == "v0/0001.png" else [(n, d)])
+    with pytest.raises(PipelineError, match=r"twice.zip: entry 'v0/0001.png' appears 2 times"):
+        ZipPredictions(twice, fmt=fmt, num_classes=124)
+    _refused(twice, kwargs, "entry 'v0/0001.png' appears 2 times")
+
+    stray = rewrite(path, tmp_path / "stray.zip",
+                    lambda n, d: [(n, d), ("v7/0000.png", d), ("v7/", b"")] if n == "v1/0002.png" else [(n, d)])
+    with ZipPredictions(stray, fmt=fmt, num_classes=124) as source:
+        assert source.unmatched(frames) == ["v7/0000.png"]  # the folder entry holds nothing
+        assert source.unmatched(frames[:-1]) == ["v1/0002.png", "v7/0000.png"]
+
+    # 64 MiB of zeros deflate to ~64 KiB: refused from the header, never inflated
+    bomb = rewrite(path, tmp_path / "bomb.zip",
+                   lambda n, d: [(n, b"\0" * (64 << 20))] if n == "v0/0002.png" else [(n, d)])
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: (
+        opened.append(getattr(name, "filename", name)), real_open(self, name, *a, **k))[1])
+    with ZipPredictions(bomb, fmt=fmt, num_classes=124) as source:
+        source(frames[0])
+        with pytest.raises(PipelineError, match=r"bomb.zip:v0/0002.png: inflates to 67108864 bytes, "
+                                                r"more than a 6x9 8-bit PNG can take \(1048696\)"):
+            source(frames[2])
+    _refused(bomb, kwargs, "v0/0002.png", "inflates to 67108864 bytes")
+    assert "v0/0002.png" not in opened and "v0/0000.png" in opened
+
+    # a small entry whose PNG header declares 81 Mpixels (below PIL's own bomb check): refused
+    # from the header, before decoding
+    huge = rewrite(path, tmp_path / "huge.zip",
+                   lambda n, d: [(n, _png_header_only(9000, 9000))] if n == "v0/0001.png" else [(n, d)])
+    with ZipPredictions(huge, fmt=fmt, num_classes=124) as source:
+        with pytest.raises(PipelineError, match=r"v0/0001.png: size 9000x9000 differs from frame "
+                                                r"'v0_0001' \(6x9, HxW\)"):
+            source(frames[1])
+    _refused(huge, kwargs, "v0/0001.png", "size 9000x9000")
+
+
+def test_read_sidecar_checks_the_zip(tmp_path):
+    zip_path = tmp_path / "sub.zip"
+    write_zip(zip_path, [("a.png", png_of(np.zeros((2, 2))))])
+    side = tmp_path / "sub.json"
+    assert read_sidecar(zip_path) == {}
+    good = {"format": "folder", "sha256": sha256_of(zip_path), "bytes": zip_path.stat().st_size}
+    side.write_text(json.dumps(good))
+    assert read_sidecar(zip_path) == good and zip_format_name(zip_path) == ("folder", 0)
+    side.write_text(json.dumps({**good, "sha256": "0" * 64}))
+    with pytest.raises(PipelineError, match=r"sub.json: describes another zip than .*sub.zip"):
+        zip_format_name(zip_path)
+    assert zip_format_name(zip_path, fmt="folder") == ("folder", 0)  # explicit: not needed, not read
+    side.write_text("[1, 2]")
+    with pytest.raises(PipelineError, match="sub.json: corrupt submission manifest"):
+        read_sidecar(zip_path)

@@ -175,10 +175,37 @@ def test_miou_from_counts_matches_metrics_exactly():
     rng = np.random.default_rng(3)
     for _ in range(20):
         cm = rng.integers(0, 50, size=(6, 6))
-        cm[rng.integers(0, 6)] = 0  # a class absent from the ground truth
+        cm[rng.integers(0, 6)] = 0  # a class absent from the ground truth (still predicted)
         got = fusion.miou_from_counts(np.diag(cm)[None], cm.sum(axis=0)[None], cm.sum(axis=1))
         assert got.shape == (1,) and got[0] == mean_iou(cm)
-    assert np.isnan(fusion.miou_from_counts(np.zeros((2, 3)), np.ones((2, 3)), np.zeros(3))).all()
+    # only predicted, never in the gt: IoU 0 and counted; neither: no union, left out
+    assert fusion.miou_from_counts(np.zeros((2, 3)), np.ones((2, 3)), np.zeros(3)).tolist() == [0.0, 0.0]
+    assert np.isnan(fusion.miou_from_counts(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(3))).all()
+
+
+def test_miou_from_counts_equals_mean_iou_at_every_grid_point():
+    """A grid of confusion matrices where classes absent from the gt are predicted at some
+    points and not at others (the set of classes averaged changes over the grid)."""
+    rng = np.random.default_rng(11)
+    c, a, b = 7, 4, 5
+    gt = rng.integers(0, 60, size=c)
+    gt[[1, 4]] = 0  # classes 1 and 4 are never in the ground truth
+    cms = np.zeros((a, b, c, c), np.int64)
+    for i in range(a):
+        for j in range(b):
+            for g in range(c):  # the same gt pixels, other predictions at each grid point
+                cms[i, j, g] = np.bincount(rng.integers(0, c, gt[g]), minlength=c)
+            if (i + j) % 3 == 0:  # here nothing is predicted as class 4
+                cms[i, j, :, 0] += cms[i, j, :, 4]
+                cms[i, j, :, 4] = 0
+    tp = np.einsum("abcc->abc", cms)
+    got = fusion.miou_from_counts(tp, cms.sum(axis=2), gt)
+    assert got.shape == (a, b)
+    for i in range(a):
+        for j in range(b):
+            assert got[i, j] == mean_iou(cms[i, j])  # the very same float
+    assert any((cms[i, j, :, 4].sum() == 0) for i in range(a) for j in range(b))
+    assert any((cms[i, j, :, 4].sum() > 0) for i in range(a) for j in range(b))
 
 
 def test_group_mean_and_fuse():

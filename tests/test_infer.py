@@ -72,6 +72,8 @@ def test_maps_are_probabilities_of_the_right_shape_and_describe_themselves(two_f
     assert meta["quant"] == "uint8" and meta["meta"]["member"] == "tiny_s0"
     run_meta = member.meta[0]
     assert run_meta["tta"]["scales"] == [0.75, 1.0] and run_meta["tta"]["flip"] is True
+    # the class names, in order, that the ensemble checks against data/classes.json
+    assert run_meta["class_names"] == list(classes.names)
     assert Path(run_meta["checkpoint"]).name == "swa.pt" or Path(run_meta["checkpoint"]).name == "best.pt"
     assert run_meta["counts"]["oof"] == len(member.oof_ids()) - len(
         [i for i in member.oof_ids() if member.oof_fold(i) != 0])

@@ -135,6 +135,7 @@ WRITER = textwrap.dedent("""
 """)
 
 SAVER = textwrap.dedent("""
+    import os
     import sys
     import torch
     from pipeline.checkpoint import save_checkpoint
@@ -155,9 +156,12 @@ SAVER = textwrap.dedent("""
             self.fh.flush()
 
     real_save = torch.save
-    def paused_save(obj, path):
-        with open(path, "wb") as fh:
-            real_save(obj, Pausing(fh, int(sys.argv[2])))
+    def paused_save(obj, dest):  # save_checkpoint hands torch.save a path or an open file
+        if isinstance(dest, (str, os.PathLike)):
+            with open(dest, "wb") as fh:
+                real_save(obj, Pausing(fh, int(sys.argv[2])))
+        else:
+            real_save(obj, Pausing(dest, int(sys.argv[2])))
     torch.save = paused_save
 
     from pipeline.models import build_model

@@ -66,16 +66,81 @@ def test_ignore_pixels_never_count():
                                            ignore_index=9), cm)
 
 
-def test_classes_absent_from_gt_excluded_from_mean():
+def test_predicted_class_absent_from_gt_counts_with_iou_zero():
     gt = np.array([0, 0, 1, 1], dtype=np.uint8)
     pred = np.array([0, 3, 1, 1], dtype=np.uint8)
     cm = confusion_matrix(gt, pred, num_classes=4)
     iou = iou_per_class(cm)
-    # class 0: 1 / (1 + 0 + 1); class 1: 2 / 2; class 2: neither in gt nor pred -> nan;
-    # class 3: predicted once, never in gt -> 0 / 1, but excluded from the mean
+    # class 0: 1 / (1 + 0 + 1); class 1: 2 / 2; class 2: neither in gt nor pred -> nan, left out;
+    # class 3: predicted once, never in gt -> 0 / 1, and counted (union 1 > 0)
     assert iou[:2] == pytest.approx([0.5, 1.0]) and math.isnan(iou[2]) and iou[3] == 0.0
-    assert mean_iou(cm) == pytest.approx(0.75)
+    assert mean_iou(cm) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert math.isnan(class_accuracy(cm)[3])
+
+
+def test_standard_miou_example_of_issue_12():
+    """gt [0,0,1,1], pred [0,2,1,1], 3 classes: IoU 1/2, 2/2 and 0/1 (class 2 predicted, not in
+    the gt) -> 50.0 as MMSegmentation / Cityscapes / VSPW report it, not 75.0 (gt classes only)."""
+    cm = confusion_matrix(np.array([0, 0, 1, 1], np.uint8), np.array([0, 2, 1, 1], np.uint8),
+                          num_classes=3)
+    assert 100 * mean_iou(cm) == pytest.approx(50.0)
+    assert summarize(cm, class_names=["a", "b", "c"])["mIoU"] == pytest.approx(0.5)
+    assert math.isnan(mean_iou(np.zeros((3, 3), np.int64)))  # no union anywhere
+
+
+def test_no_prediction_is_a_miss_only():
+    # gt:   0  0  0  1  1  2  void
+    # pred: 0 255 1  1 255 2  255
+    gt = np.array([0, 0, 0, 1, 1, 2, 255], dtype=np.uint8)
+    pred = np.array([0, 255, 1, 1, 255, 2, 255], dtype=np.uint8)
+    cm = confusion_matrix(gt, pred, num_classes=3, no_prediction=255)
+    # rows = gt; columns 0..2 = classes, column 3 = no prediction; the void pixel is dropped
+    assert cm.tolist() == [[1, 1, 0, 1], [0, 1, 0, 1], [0, 0, 1, 0]]
+    # class 0: TP 1, FP 0, FN 2 (a class-1 and a missed pixel) -> 1/3
+    # class 1: TP 1, FP 1 (the gt-0 pixel), FN 1 (missed) -> 1/3; no FP from the misses
+    # class 2: TP 1 -> 1
+    assert iou_per_class(cm) == pytest.approx([1 / 3, 1 / 3, 1.0])
+    assert mean_iou(cm) == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
+    assert class_accuracy(cm) == pytest.approx([1 / 3, 1 / 2, 1.0])
+    assert pixel_accuracy(cm) == pytest.approx(3 / 6)
+    summary = summarize(cm, class_names=["a", "b", "c"])
+    assert summary["labelled_pixels"] == 6 and summary["unpredicted_pixels"] == 2
+    assert summary["per_class"]["a"]["pred_pixels"] == 1 and summary["per_class"]["a"]["gt_pixels"] == 3
+    # the generic path gives the same; without no_prediction, 255 stays an error
+    assert np.array_equal(confusion_matrix(gt.astype(np.int32), pred.astype(np.int64), num_classes=3,
+                                           no_prediction=255), cm)
+    with pytest.raises(ValueError, match="prediction value 255"):
+        confusion_matrix(gt, pred, num_classes=3)
+    with pytest.raises(ValueError, match="prediction value 7"):
+        confusion_matrix(gt, np.where(pred == 1, 7, pred).astype(np.uint8), num_classes=3,
+                         no_prediction=255)
+    with pytest.raises(ValueError, match="is a class"):
+        confusion_matrix(gt, pred, num_classes=3, no_prediction=2)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 19, 255])
+def test_no_prediction_column_fast_path_matches_naive(num_classes, monkeypatch):
+    monkeypatch.setattr(metrics, "_CHUNK", 257)
+    rng = np.random.default_rng(10 + num_classes)
+    gt = rng.integers(0, num_classes, size=(30, 40)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    pred = rng.integers(0, num_classes, size=gt.shape).astype(np.uint8)
+    pred[rng.random(gt.shape) < 0.2] = 255
+    labelled = gt != 255
+    expected = np.zeros((num_classes, num_classes + 1), np.int64)
+    for g, p in zip(gt[labelled].tolist(), pred[labelled].tolist()):
+        expected[g, num_classes if p == 255 else p] += 1
+    acc = ConfusionMatrix(num_classes=num_classes, no_prediction=255)
+    acc.update(gt, pred)
+    assert np.array_equal(acc.matrix, expected)
+    assert np.array_equal(confusion_matrix(gt.astype(np.int16), pred.astype(np.int16),
+                                           num_classes=num_classes, no_prediction=255), expected)
+    # the class columns equal the plain matrix of the predicted pixels only
+    predicted = labelled & (pred != 255)
+    assert np.array_equal(expected[:, :num_classes],
+                          confusion_matrix(gt[predicted], pred[predicted], num_classes=num_classes))
+    with pytest.raises(ValueError, match="no-prediction"):
+        acc.merge(ConfusionMatrix(num_classes=num_classes, no_prediction=254 if num_classes < 254 else None))
 
 
 def test_streaming_equals_one_shot_and_merge():
@@ -218,12 +283,17 @@ def test_summary_is_json_and_table_in_percent():
     cm = np.array([[3, 1, 0], [0, 2, 1], [0, 0, 0]])
     summary = summarize(cm, class_names=["sky", "road", "cat"], vc={8: 0.5})
     parsed = json.loads(json.dumps(summary, allow_nan=False))
-    assert parsed["mIoU"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    # "cat" was predicted once but never in the gt: IoU 0 (its union is 1), counted in the mean;
+    # its accuracy is undefined and left out of the mean accuracy (3/4 + 2/3) / 2
+    assert parsed["mIoU"] == pytest.approx((3 / 4 + 2 / 4 + 0) / 3)
+    assert parsed["miou_definition"] == metrics.MIOU_DEFINITION
+    assert parsed["mean_class_accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
     assert parsed["mVC8"] == 0.5 and parsed["mVC16"] is None
-    # "cat" was predicted once but never in the gt: IoU 0, accuracy undefined, not in the mean
     assert parsed["per_class"]["cat"] == {"iou": 0.0, "accuracy": None, "gt_pixels": 0,
                                           "pred_pixels": 1}
+    assert parsed["unpredicted_pixels"] == 0
     table = format_table(summary)
-    assert "62.50" in table and "75.00" in table and "mVC8 50.00" in table
+    assert "mIoU 41.67" in table and "75.00" in table and "mean acc 70.83" in table
+    assert "mVC8 50.00" in table and table.count(metrics.MIOU_DEFINITION) == 1
     with pytest.raises(ValueError):
         summarize(cm, class_names=["a", "a", "b"])

@@ -245,3 +245,25 @@ def test_cosine_head_under_fp16_autocast_on_cuda():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = model(X.cuda())
     assert torch.isfinite(out).all() and out.abs().max() <= 16.0 + 0.05
+
+
+@pytest.mark.parametrize("head", ["cosine", "linear"])
+def test_without_prior_gives_the_bare_logits_and_add_prior_puts_the_bias_back(head):
+    from pipeline.models import add_prior, without_prior
+
+    model = _unet(logit_adjust={"tau": 0.3, "prior": PRIOR, "head": head}).eval()
+    model.segmentation_head.train()  # decoder BN in eval: only the head's mode differs
+    with torch.no_grad():
+        adjusted = model(X)
+        with without_prior(model):
+            bare = model(X)
+        assert torch.equal(bare, _out(model.eval()))  # train mode, no bias == eval mode
+        model.segmentation_head.train()
+        assert torch.equal(add_prior(model, bare), adjusted)  # bit for bit (Unet's head)
+        assert torch.equal(model(X), adjusted)  # the block restored the bias
+        model.eval()
+        assert torch.equal(add_prior(model, bare), bare)  # eval mode: nothing to add
+    plain = _unet()
+    expected = _out(plain)
+    with without_prior(plain):  # no logit-adjusted head: no effect
+        assert torch.equal(_out(plain), expected)

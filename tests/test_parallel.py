@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 import yaml
 
@@ -56,3 +61,71 @@ def test_dry_run_prints_every_stage_once(capsys):
         assert out.count(f"repro -s {' '.join(chain)}\n") == 1
     assert out.index("repro folds") < out.index("repro -s train@") < out.index("repro -s students@")
     assert out.rstrip().endswith("dvc repro")
+
+
+# A stand-in for `python -m dvc`: `repro folds` ends at once; a lane (`repro -s ...`) starts a
+# child, like DVC starting the stage's command, records both pids and sleeps.
+FAKE_DVC = """
+import os, subprocess, sys, time
+from pathlib import Path
+if "-s" not in sys.argv[1:]:
+    sys.exit(0)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+pids = Path(os.environ["FAKE_DVC_PIDS"])
+(pids / f".{os.getpid()}").write_text(f"{os.getpid()} {child.pid}")
+os.replace(pids / f".{os.getpid()}", pids / str(os.getpid()))
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped by whoever inherited it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_script_stops_every_lane(signum, tmp_path):
+    """`kill PID` (or SIGINT to the script alone) must not leave lanes running and holding DVC's
+    lock: they are signalled, waited for, and the script exits 128 + signal."""
+    (tmp_path / "fake" / "dvc").mkdir(parents=True)
+    (tmp_path / "fake" / "dvc" / "__init__.py").write_text("")
+    (tmp_path / "fake" / "dvc" / "__main__.py").write_text(FAKE_DVC)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(folds=[0, 1], seeds=[0])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_DVC_PIDS": str(pids)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "parallel.py"), "--jobs", "2",
+                             "--params", "params.yaml", "--logs", "logs"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launched: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len([p for p in pids.iterdir() if not p.name.startswith(".")]) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the two lanes did not start"
+            time.sleep(0.05)
+        launched = [int(x) for p in pids.iterdir() if not p.name.startswith(".")
+                    for x in p.read_text().split()]
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum, (out, err)
+        assert "waiting for them to end" in err and "every lane has ended" in err, err
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 5  # signalled grandchildren may take a moment to go
+        while [pid for pid in launched if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in launched if _alive(pid)], "a lane outlived parallel.py"
+    finally:
+        for pid in launched:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

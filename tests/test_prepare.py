@@ -153,7 +153,24 @@ BAD_CASES = {
     "unknown_adapter_key": (lambda r, p: _edit(p, folder={"num_classes": 3, "imagez": "x"}), "prepare.folder.imagez"),
     "unused_section_typo": (lambda r, p: _edit(p, vspw={"train_split": ["a"]}), "prepare.vspw.train_split"),
     "unknown_top_key": (lambda r, p: _edit(p, datset="folder"), "prepare.datset"),
+    "jpeg_data_in_png_mask": (lambda r, p: save_jpeg(r / "masks" / "vid0_001.png"),
+                              "vid0_001.png: mask holds JPEG data, not a lossless PNG"),
+    "dangling_image_symlink": (lambda r, p: (r / "images" / "vid1_003.png").symlink_to(r / "gone.png"),
+                               "vid1_003.png: dangling symlink"),
+    "two_sizes_in_one_video": (lambda r, p: resize_frame(r, "vid1_002"), "vid1_000.png of the same video"),
 }
+
+
+def save_jpeg(path: Path) -> None:
+    """A lossy mask under a .png name: JPEG blurs label edges into values of other classes."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.choice([0, 1, 2], (H, W)).astype(np.uint8)).save(path, format="JPEG")
+
+
+def resize_frame(root: Path, stem: str) -> None:
+    """Image and mask of one frame agree with each other, not with the rest of its video."""
+    save_image(root / "images" / f"{stem}.png", np.zeros((H + 2, W, 3)))
+    save_mask(root / "masks" / f"{stem}.png", np.zeros((H + 2, W)))
 
 
 def _edit(params: Path, **changes) -> None:
@@ -194,6 +211,82 @@ def test_root_inside_out_is_refused(tmp_path, capsys):
     assert (out / "raw" / "images").is_dir()  # the dataset itself is untouched
 
 
+def _user_folder(path: Path) -> dict[str, bytes]:
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes")
+    (path / "sub" / "model.pt").write_bytes(b"weights")
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_output_folder_of_a_user_is_refused_untouched(tmp_path, capsys):
+    root, mine = tmp_path / "ds", tmp_path / "mine"
+    make_dataset(root)
+    before = _user_folder(mine)
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, mine)], capsys)
+    assert code == 2 and err.count("error:") == 1, err
+    assert f"{mine}: output folder holds files but no manifest.csv" in err
+    assert _files(mine) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mine")]
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent_of_cwd", "root_itself"])
+def test_cwd_its_parents_and_the_dataset_root_are_never_outputs(where, tmp_path, capsys, monkeypatch):
+    root, work = tmp_path / "ds", tmp_path / "work"
+    make_dataset(root)
+    (work / "deep").mkdir(parents=True)
+    (work / "params.yaml").write_text("keep me")
+    monkeypatch.chdir(work / "deep" if where == "parent_of_cwd" else work)
+    out = {"cwd": ".", "parent_of_cwd": "..", "root_itself": str(root)}[where]
+    before = _files(tmp_path)
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, Path("unused")),
+                        "--out", out], capsys)
+    assert code == 2 and err.count("error:") == 1, err
+    expected = "dataset root lies inside" if where == "root_itself" else "current directory or contains it"
+    assert expected in err and str(Path(out).resolve()) in err
+    assert _files(tmp_path) == {**before, "p.yaml": (tmp_path / "p.yaml").read_bytes()}
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]  # no hidden temp folder
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    root = tmp_path / "ds"
+    make_dataset(root)
+    (tmp_path / "data").write_text("a file")
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, tmp_path / "data")], capsys)
+    assert code == 2 and "output path is a file" in err and (tmp_path / "data").read_text() == "a file"
+
+
+@pytest.mark.parametrize("earlier", ["empty", "earlier_output"])
+def test_empty_folder_or_earlier_output_is_replaced(earlier, tmp_path, capsys):
+    root, out = tmp_path / "ds", tmp_path / "prepared"
+    make_dataset(root)
+    out.mkdir()
+    if earlier == "earlier_output":
+        (out / "manifest.csv").write_text("old")
+        (out / "stale.txt").write_text("left by an older version")
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, out)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["class_counts.npz", "classes.json", "manifest.csv"]
+
+
+def test_two_frame_sizes_in_one_video_name_both_frames(tmp_path, capsys):
+    root = tmp_path / "ds"
+    make_dataset(root)
+    resize_frame(root, "vid1_002")
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, tmp_path / "o")], capsys)
+    assert code == 2, err
+    assert (f"{root / 'images' / 'vid1_002.png'}: frame is 8x8 but {root / 'images' / 'vid1_000.png'} "
+            f"of the same video 'vid1' is 8x6") in err
+    # the same sizes in different videos are fine
+    for f in range(3):
+        resize_frame(root, f"vid1_{f:03d}")
+    code, _, err = cli(["--params", write_params(tmp_path / "p.yaml", root, tmp_path / "o")], capsys)
+    assert code == 0, err
+
+
 def test_duplicate_ids_are_an_error(tmp_path, capsys):
     root = tmp_path / "ds"
     make_dataset(root)
@@ -215,3 +308,28 @@ def test_script_runs_as_a_subprocess(repo_root, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "vid1_001.png" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_manifest_digests_each_frame_and_an_older_manifest_still_reads(tmp_path, capsys):
+    from pipeline.data.manifest import frame_digest
+
+    root, out = tmp_path / "ds", tmp_path / "prepared"
+    make_dataset(root)
+    params = write_params(tmp_path / "p.yaml", root, out)
+    assert cli(["--params", params], capsys)[0] == 0
+    frames = read_manifest(out / "manifest.csv")
+    assert all(f.digest == frame_digest(f.image, f.mask) and len(f.digest) == 16 for f in frames)
+    assert len({f.digest for f in frames}) == len(frames)
+    assert frames[6].mask is None and frames[6].digest == frame_digest(frames[6].image, None)
+    before = {f.id: f.digest for f in frames}
+
+    save_mask(root / "masks" / "vid1_000.png", np.zeros((H, W)))  # one mask redrawn
+    assert cli(["--params", params], capsys)[0] == 0
+    after = {f.id: f.digest for f in read_manifest(out / "manifest.csv")}
+    assert [i for i in before if before[i] != after[i]] == ["vid1_000"]
+
+    # a manifest written before the digest column reads, with empty digests
+    lines = (out / "manifest.csv").read_text().splitlines()
+    old = tmp_path / "old.csv"
+    old.write_text("\n".join(ln.rsplit(",", 1)[0] for ln in lines) + "\n")
+    assert [f.digest for f in read_manifest(old)] == [""] * len(lines[1:])

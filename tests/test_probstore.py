@@ -377,3 +377,65 @@ def test_check_coverage(tmp_path):
     make_run(root, "m_s1", 1, oof=["b", "c"])
     with pytest.raises(PipelineError, match="frame b"):
         check_coverage(Member(root / "m_s1"), ["a", "b", "c"])
+
+
+def _rewrite_probs(path, probs) -> None:
+    """Replace the probs array of a map file, its header and tie lists kept (a foreign writer)."""
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["probs"] = probs
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -0.25, 1.5])
+def test_float16_maps_are_checked_on_read(tmp_path, bad):
+    path = tmp_path / "x.npz"
+    probs = softmax_map(np.random.default_rng(9), 3, 4, 5)
+    write_probs(path, probs, quant="float16")
+    codes = read_probs(path).astype(np.float16)
+    codes[1, 2, 3] = bad
+    _rewrite_probs(path, codes)
+    for read in (read_probs, read_labels):
+        with pytest.raises(PipelineError, match="nan, inf or values outside") as err:
+            read(path)
+        assert str(path) in str(err.value)
+    codes[1, 2, 3] = 1.0  # the bounds themselves are probabilities
+    codes[0, 0, 0] = 0.0
+    _rewrite_probs(path, codes)
+    assert read_probs(path)[1, 2, 3] == 1.0
+
+
+def test_member_maps_must_be_stored_as_their_run_says(tmp_path):
+    root = tmp_path / "oof_preds"
+    run = make_run(root, "m_s0", 0, oof=["a"], test=["t"])
+    member = Member(root / "m_s0")
+    assert member.expect == {"classes": 3, "quant": "uint8", "stride": 1}
+    write_probs(map_path(run / "test", "t"), softmax_map(np.random.default_rng(3), 3, 4, 5),
+                quant="float16")  # another dtype than meta.json's uint8
+    with pytest.raises(PipelineError, match=r"t\.npz: stored with quant float16 \(its run's "
+                                            r"meta.json: uint8\)"):
+        member.read_test("t")
+    write_probs(map_path(run / "oof", "a"), softmax_map(np.random.default_rng(3), 3, 4, 5),
+                stride=2)
+    with pytest.raises(PipelineError, match=r"a\.npz: stored with stride 2"):
+        member.read_oof("a")
+    assert read_probs(map_path(run / "oof", "a")).shape == (3, 2, 3)  # alone, it is a fine map
+
+
+def test_member_names_and_a_chosen_list_of_members(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "b_s0", 0, oof=["a"])
+    make_run(root, "a_s1", 0, oof=["a"], test=["t"])
+    make_run(root, "a_s1", "all", test=["t", "u"])
+    (root / "broken_s0" / "f0").mkdir(parents=True)
+    (root / "broken_s0" / "f0" / "meta.json").write_text("not json")  # never read unless wanted
+    assert probstore.member_names(root) == ["a_s1", "b_s0", "broken_s0"]
+    assert [m.name for m in list_members(root, ["b_s0"])] == ["b_s0"]
+    with pytest.raises(PipelineError, match=r"c_s0: no maps of member 'c_s0'.*c_s0, d_s9"):
+        list_members(root, ["d_s9", "c_s0", "b_s0"])
+    with pytest.raises(PipelineError, match="unreadable run meta"):
+        list_members(root)
+    member = Member(root / "a_s1")
+    assert member.test_ids(0) == ["t"] and member.test_ids("all") == ["t", "u"]
+    assert member.test_ids(3) == [] and member.test_ids() == ["t", "u"]

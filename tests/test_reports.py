@@ -4,6 +4,7 @@ and a chain without runs is a one-line CLI error."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def write_submission(root: Path) -> dict:
     Image.new("RGB", (16, 8), (9, 9, 9)).save(sub / "previews" / "sub" / "t0.png")
     (sub / "sub.zip").write_bytes(b"PK fake")
     (sub / "sub.json").write_text(json.dumps(
-        {"name": "sub", "zip": "sub.zip", "sha256": "ab" * 32, "frames": 2, "format": "folder",
+        {"name": "sub", "zip": "sub.zip", "sha256": hashlib.sha256(b"PK fake").hexdigest(),
+         "frames": 2, "format": "folder",
          "previews": ["previews/sub/t0.png"], "oof_score": 0.6}))
     evaluation = {"mIoU": 0.42, "mVC8": 0.9, "mVC16": 0.85,
                   "per_class": {n: {"iou": v} for n, v in zip(NAMES, [0.5, None, 0.34])}}
@@ -303,3 +305,54 @@ def test_no_runs_is_a_one_line_cli_error(tmp_path, capsys, layout):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(runs) in err and err.count("\n") == 1
     assert not (tmp_path / "reports").exists()
+
+
+def test_ledger_pools_swa_matrices_and_reads_teachers_and_test_scores(chain):
+    root, cms = chain["root"], chain["cms"]
+    rng = np.random.default_rng(5)
+    pooled = {"last": 0, "swa": 0}
+    for fold in (0, 1):  # SWA vs last from the stored matrices, pooled over the folds
+        path = root / "runs" / f"unet_f{fold}_s0" / "swa_metrics.json"
+        metrics = json.loads(path.read_text())
+        for kind in pooled:
+            cm = random_cm(rng)
+            pooled[kind] = pooled[kind] + cm
+            metrics[f"{kind}_cm"] = cm.tolist()
+        path.write_text(json.dumps(metrics))
+    (root / "ensemble" / reports.TEST_SCORES).write_text(json.dumps(
+        {"members": {"unet_s0": {"tta": 0.52}, "aux_s0": {"tta": 0.40}},
+         "rows": {"best_single": 0.52, "S_W_A": 0.55}}))
+    models = {"unet": {"arch": "Unet"}, "aux": {"arch": "Unet", "distill": {"teacher": "unet"}}}
+    summary = report(root, models=models)
+    rows = {r["member"]: r for r in summary["members"]}
+    assert rows["unet_s0"]["last_mIoU"] == pytest.approx(mean_iou(pooled["last"]))
+    assert rows["unet_s0"]["swa_mIoU"] == pytest.approx(mean_iou(pooled["swa"]))
+    assert rows["unet_s0"]["swa_source"] == "pooled" and rows["aux_s0"]["swa_source"] == "fold mean"
+
+    ledger = summary["ledger"]
+    swa = {r["subject"]: r for r in ledger["rows"] if r["technique"] == "SWA vs last" and r["split"] == "oof"}
+    assert swa["unet_s0"]["gain"] == pytest.approx(mean_iou(pooled["swa"]) - mean_iou(pooled["last"]))
+    student = [r for r in ledger["rows"] if r["technique"] == "student vs teacher"]
+    assert [(r["subject"], r["split"]) for r in student] == [("aux_s0 vs unet_s0", "oof"),
+                                                             ("aux_s0 vs unet_s0", "test")]
+    oof_gain = mean_iou(sum(t for t, _ in cms["aux_s0"])) - mean_iou(sum(t for t, _ in cms["unet_s0"]))
+    assert student[0]["gain"] == pytest.approx(oof_gain)
+    assert student[1]["gain"] == pytest.approx(0.40 - 0.52)
+    ens_test = [r for r in ledger["rows"] if r["technique"] == "ensemble" and r["split"] == "test"]
+    assert [r["gain"] for r in ens_test] == [pytest.approx(0.03)]
+    md = (root / "reports" / "summary.md").read_text()
+    assert "## Technique ledger" in md and "### test split" in md and "| aux_s0 vs unet_s0 |" in md
+    assert ledger["bands"]["oof"] is None and "no noise band" in md  # one seed per model here
+
+
+def test_a_score_or_json_of_another_zip_is_never_shown(chain):
+    root = chain["root"]
+    eval_path = root / "submissions" / "sub.zip.eval.json"
+    evaluation = json.loads(eval_path.read_text())
+    eval_path.write_text(json.dumps({**evaluation, "sha256": "cd" * 32}))
+    summary = report(root)
+    assert summary["submission"]["test_mIoU"] is None
+    assert any("scores another zip" in note for note in summary["notes"])
+    (root / "submissions" / "sub.zip").write_bytes(b"PK another zip")  # the JSON is stale now
+    with pytest.raises(PipelineError, match="sub.json: describes another zip"):
+        report(root, out_dir=root / "reports2")

@@ -93,6 +93,7 @@ def evaluate(root: Path, pred: Path, *args) -> dict:
     summary = json.loads(out.read_text())
     summary.pop("predictions")
     summary.pop("format", None)
+    summary.pop("sha256", None)  # a zip's own hash
     return summary
 
 
@@ -251,3 +252,133 @@ def test_preview_frames_spread_over_videos():
     few = preview_frames([f for f in frames if f.video == "v1"], 3)
     assert [f.frame for f in few] == [0, 2, 4]
     assert preview_frames(frames, 0) == []
+
+
+# ----------------------------------------------------------------------------- outputs
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _hidden(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob(".*"))
+
+
+def test_outputs_may_not_overwrite_inputs(tmp_path, capsys):
+    make_project(tmp_path)
+    (tmp_path / "weights.json").write_text(json.dumps({"alpha": 1.0}))
+    before = _files(tmp_path)
+    # <out>/<name>.json would be the --weights file the JSON copies from
+    assert run(tmp_path, "--out", tmp_path, "--name", "weights") == 2
+    line = error_line(capsys)
+    assert "--out/--name" in line and "weights.json" in line and "the ensemble weights" in line
+    # the previews folder <out>/previews/<name> would replace the prediction folder
+    assert run(tmp_path, "--pred", tmp_path / "subs" / "previews" / "s", "--name", "s") == 2
+    assert "the predictions" in error_line(capsys)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("when", ["zip", "json"])
+def test_disk_full_changes_nothing(tmp_path, capsys, monkeypatch, when):
+    import errno
+
+    make_project(tmp_path)
+    assert run(tmp_path, "--name", "s") == 0
+    _save(tmp_path / "pred" / "vid000_0000.png", np.zeros((H, W)))  # a new submission differs
+    before = _files(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if when == "zip":  # the first entry cannot be written
+        monkeypatch.setattr(zipfile.ZipFile, "writestr", full)
+    else:  # zip and previews are written; the JSON, last, is not
+        real = Path.write_text
+        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full() if self.name.startswith(".s.json")
+                            else real(self, *a, **k))
+    assert run(tmp_path, "--name", "s") == 2
+    line = error_line(capsys)
+    assert "subs: cannot write the submission (No space left on device)" in line
+    assert _files(tmp_path) == before and _hidden(tmp_path / "subs") == []
+
+
+KILL_AFTER_ZIP = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith(".zip"):  # kill -9 just after the new zip is in place
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from pipeline.submit import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_after_the_zip_never_leaves_another_zips_json(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    make_project(tmp_path)
+    assert run(tmp_path, "--name", "s") == 0
+    subs = tmp_path / "subs"
+    old_json = (subs / "s.json").read_text()
+    _save(tmp_path / "pred" / "vid000_0000.png", np.zeros((H, W)))
+    argv = ["--pred", tmp_path / "pred", "--data", tmp_path / "data", "--out", subs, "--name", "s",
+            "--weights", tmp_path / "weights.json", "--params", tmp_path / "params.yaml", "--no-progress"]
+    done = subprocess.run([sys.executable, "-c", KILL_AFTER_ZIP, *map(str, argv)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    new_zip = (subs / "s.zip").read_bytes()
+    assert hashlib.sha256(new_zip).hexdigest() != json.loads(old_json)["sha256"]  # the new zip is there
+    assert not (subs / "s.json").exists()  # and no JSON of the old one beside it
+    assert _hidden(subs)  # the killed run's temporaries (JSON, previews)
+
+    # evaluate cannot take a format from a JSON that is not there: it says so
+    argv_eval = [str(subs / "s.zip"), "--manifest", str(tmp_path / "data" / "manifest.csv"),
+                 "--params", str(tmp_path / "params.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate_main, argv_eval)
+    assert exit_info.value.code == 2 and "no s.json beside it" in error_line(capsys)
+
+    # a torn pair made by hand (the old JSON copied back) is refused, naming the JSON
+    (subs / "s.json").write_text(old_json)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate_main, argv_eval)
+    line = error_line(capsys)
+    assert exit_info.value.code == 2 and "s.json: describes another zip than" in line
+
+    # the next run rebuilds a consistent pair and clears the temporaries
+    assert run(tmp_path, "--name", "s") == 0
+    info = json.loads((subs / "s.json").read_text())
+    assert info["sha256"] == hashlib.sha256((subs / "s.zip").read_bytes()).hexdigest()
+    assert (subs / "s.zip").read_bytes() == new_zip and _hidden(subs) == []
+
+
+def test_stale_temporaries_are_removed_by_the_next_run(tmp_path):
+    make_project(tmp_path)
+    subs = tmp_path / "subs"
+    (subs / "previews" / ".s.k2j3.tmp").mkdir(parents=True)  # atomic_dir of a killed run
+    (subs / "previews" / ".s.k2j3.tmp" / "vid000_0001.png").write_bytes(b"half")
+    (subs / "previews" / ".s.old.4242").mkdir()  # atomic_dir's swap, cut short
+    (subs / ".s.zip.x81q.tmp").write_bytes(b"PK partial")  # atomic_path of a killed run
+    (subs / ".other.json.a1b2.tmp").write_text("{")  # another name's: the folder is the stage's
+    (subs / "notes.tmp").write_text("mine")  # not hidden: not a temporary of ours
+    (subs / ".keep").write_text("")
+    assert run(tmp_path, "--name", "s") == 0
+    assert _hidden(subs) == [".keep"]
+    assert (subs / "notes.tmp").read_text() == "mine"
+
+
+def test_remove_stale_tmp_is_shallow_unless_asked(tmp_path):
+    from pipeline.atomic import remove_stale_tmp
+
+    deep = tmp_path / "member" / "f0" / "oof"
+    deep.mkdir(parents=True)
+    (deep / ".v1_02.npz.ab12.tmp").write_bytes(b"half")
+    (tmp_path / ".top.json.x.tmp").write_text("{")
+    (deep / "v1_01.npz").write_bytes(b"kept")
+    assert remove_stale_tmp(tmp_path) == [tmp_path / ".top.json.x.tmp"]
+    assert (deep / ".v1_02.npz.ab12.tmp").exists()  # a subfolder is not the caller's to clean
+    assert remove_stale_tmp(tmp_path, recursive=True) == [deep / ".v1_02.npz.ab12.tmp"]
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["v1_01.npz"]
+    assert remove_stale_tmp(tmp_path / "absent") == []

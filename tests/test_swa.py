@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,9 +219,15 @@ def test_cli_end_to_end_on_a_trained_run(demo_workspace, trained_run, tmp_path, 
     code, out, err = cli(_args(ws, run), capsys)
     assert code == 0, err
     metrics = json.loads((run.root / "swa_metrics.json").read_text())
-    assert set(metrics) == {"last_miou", "swa_miou", "gain", "snapshots", "bn_updated"}
+    assert set(metrics) == {"last_miou", "swa_miou", "gain", "snapshots", "bn_updated",
+                            "last_cm", "swa_cm"}
     assert metrics["snapshots"] == 2 and metrics["bn_updated"] is True
     assert metrics["gain"] == pytest.approx(metrics["swa_miou"] - metrics["last_miou"])
+    # the stored matrices are the scores' own (the report pools them over folds)
+    for kind in ("last", "swa"):
+        cm = np.asarray(metrics[f"{kind}_cm"])
+        assert cm.ndim == 2 and cm.shape[0] == cm.shape[1] and cm.sum() > 0
+        assert mean_iou(cm) == pytest.approx(metrics[f"{kind}_miou"], abs=1e-12)
     # last.pt scores what training's own final validation scored
     trained = json.loads(run.metrics.read_text())
     assert metrics["last_miou"] == pytest.approx(trained["last_miou"], abs=1e-9)

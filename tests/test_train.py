@@ -189,8 +189,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(demo_workspace, tmp_pat
 # ----------------------------------------------------------------------------- DDP
 def test_two_process_gloo_ddp_run(demo_workspace, tmp_path, repo_root):
     ws = demo_workspace
+    # batch_size is the global batch: each of the 2 ranks draws 2 images per step
     params = ws.write_params(tmp_path / "params.yaml", models={"tiny": {
-        "iters": 4, "val_interval": 2, "batch_size": 2, "swa": {"iters": 2, "interval": 2}}})
+        "iters": 4, "val_interval": 2, "batch_size": 4, "swa": {"iters": 2, "interval": 2}}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(repo_root / "pipeline" / "train.py"),

@@ -10,6 +10,7 @@ Cityscapes and VSPW live in their own modules because of their mapping tables.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,9 @@ def _parse_stem(stem: str, pattern: re.Pattern) -> tuple[str, int]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of ``folder``; a dangling symlink is kept so that :func:`check_listing` names it."""
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, test_masks: str, pattern: str,
@@ -128,7 +131,7 @@ def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, tes
             raise PipelineError(f"{folder}: image folder not found (prepare.folder.{key})")
         for image in _images_in(folder):
             mask = root / mask_dir / f"{image.stem}.png" if mask_dir else None
-            if split == "test" and mask is not None and not mask.is_file():
+            if split == "test" and mask is not None and not os.path.lexists(mask):
                 mask = None
             video, frame = _parse_stem(image.stem, regex)
             frames.append(Frame(id=image.stem, image=str(image), mask=str(mask) if mask else None,
@@ -156,7 +159,7 @@ def camvid_dataset(root: Path, *, train_splits: list,
             continue
         for image in _images_in(folder):
             mask = root / f"{split}annot" / f"{image.stem}.png"
-            has_mask = target == "train" or mask.is_file()
+            has_mask = target == "train" or os.path.lexists(mask)
             video, frame = _parse_stem(image.stem, _CAMVID_STEM)
             if video == image.stem and "_" in image.stem:
                 video = image.stem.split("_", 1)[0]
@@ -201,7 +204,8 @@ def parse_options(name: str, values: Mapping[str, Any] | None, *, source: str = 
 
 
 def check_listing(frames: list[Frame], *, where: str, hint: str = "") -> None:
-    """Ids must be unique and free of '/', and there must be training frames."""
+    """Ids must be unique and free of '/', no listed file is a dangling symlink, and there must
+    be training frames."""
     if not frames:
         raise PipelineError(f"{where}: no frames found{hint}")
     seen: dict[str, str] = {}
@@ -213,6 +217,10 @@ def check_listing(frames: list[Frame], *, where: str, hint: str = "") -> None:
         if f.id in seen:
             raise PipelineError(f"{f.image}: duplicate frame id {f.id!r} (also {seen[f.id]})")
         seen[f.id] = f.image
+        for path in (f.image, f.mask):
+            if path and os.path.islink(path) and not os.path.exists(path):
+                raise PipelineError(f"{path}: dangling symlink (its target {os.readlink(path)} does not "
+                                    f"exist); restore the file or remove the link")
     if not any(f.split == "train" for f in frames):
         raise PipelineError(f"{where}: no train frames found, only {len(frames)} test frame(s){hint}")
 

@@ -91,6 +91,9 @@ def cityscapes_dataset(root: Path, *, train_splits: list, label_kind: str) -> tu
     for split in train_splits:
         if split == "test":
             raise PipelineError("prepare.cityscapes.train_splits must not contain 'test' (its labels are dummies)")
+        if not (root / "leftImg8bit" / str(split)).is_dir():
+            raise PipelineError(f"{root / 'leftImg8bit' / str(split)}: Cityscapes split folder not found "
+                                f"(prepare.cityscapes.train_splits)")
         pairs += _frames_of(root, str(split), "train")
     pairs += _frames_of(root, "test", "test")
     labelled = [(f, t) for f, t in pairs if f.mask is not None]

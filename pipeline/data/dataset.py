@@ -9,7 +9,9 @@ frames and a ``seed``:
   ``perm_{p // n}[p % n]``;
 - iteration ``i`` consumes the global batch of positions ``[i * G, (i + 1) * G)`` with
   ``G = batch_size * world_size``; rank ``r`` takes the slice
-  ``[i * G + r * batch_size, i * G + (r + 1) * batch_size)``;
+  ``[i * G + r * batch_size, i * G + (r + 1) * batch_size)``. Here ``batch_size`` is one
+  rank's share: the training engine passes ``models.<name>.batch_size / world_size``, so ``G``
+  is the configured batch whatever the number of DDP processes;
 - the sample at position ``p`` is augmented with generators seeded from ``(seed, 1, p)``.
 
 So a run started at ``start_iter = k`` (``k * G`` samples already consumed) sees exactly the
@@ -156,6 +158,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: i
                  rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
                  drop_last: bool = True, shuffle: bool = True) -> DataLoader:
     """Endless training loader of batches ``image`` [B,3,h,w] float, ``mask`` [B,h,w] int64, ...
+
+    ``batch_size`` (B) is this rank's share of the global batch ``batch_size * world_size``.
 
     Batches are a function of (seed, iteration, rank, world_size) only (see the module doc):
     a loader built with ``start_iter=k`` yields what an uninterrupted one yields from batch k on.

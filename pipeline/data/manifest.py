@@ -1,6 +1,8 @@
 """The manifest: one row per frame, the single source of truth for every later stage.
 
-``data/manifest.csv`` columns: id, image, mask, video, frame, split, height, width.
+``data/manifest.csv`` columns: id, image, mask, video, frame, split, height, width, digest
+(:func:`frame_digest` of the frame's files, written by prepare; an older manifest without the
+column still reads, with empty digests).
 Paths are stored relative to the manifest's folder when they lie under it (the built-in demo)
 and absolute otherwise (a dataset root elsewhere), so the file survives a move of the repo.
 ``data/classes.json`` holds the class names, palette, ignore index and the lookup table that
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -27,7 +30,9 @@ from pipeline.errors import PipelineError
 
 IGNORE_INDEX = 255
 INVALID = -1  # LUT entry for a raw mask value that is neither a class nor void
-MANIFEST_COLUMNS = ("id", "image", "mask", "video", "frame", "split", "height", "width")
+MANIFEST_COLUMNS = ("id", "image", "mask", "video", "frame", "split", "height", "width", "digest")
+OPTIONAL_COLUMNS = ("digest",)  # absent from manifests written before it existed
+DIGEST_CHARS = 16  # hex characters of a frame digest (64 bits: no accidental collision)
 SPLITS = ("train", "test")
 
 
@@ -43,6 +48,15 @@ class Frame:
     split: str
     height: int = 0
     width: int = 0
+    digest: str = ""  # frame_digest(image, mask); "" when the manifest predates the column
+
+
+def frame_digest(image: str | os.PathLike, mask: str | os.PathLike | None) -> str:
+    """Short sha1 (hex) of a frame's image bytes and mask bytes (none for an unlabelled frame):
+    what a training run records to notice that a frame's contents changed."""
+    digest = hashlib.sha1(Path(image).read_bytes())
+    digest.update(b"\0mask\0" + (Path(mask).read_bytes() if mask else b""))
+    return digest.hexdigest()[:DIGEST_CHARS]
 
 
 @dataclass
@@ -111,9 +125,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_raw_mask(path: str | os.PathLike) -> np.ndarray:
-    """Decode a single-channel label PNG to HxW uint8 raw values (no mapping)."""
+    """Decode a single-channel label PNG to HxW uint8 raw values (no mapping).
+
+    The format is checked by content, not by name: a JPEG saved as ``.png`` would shift label
+    values at every edge, so only PNG (lossless) is accepted.
+    """
     try:
         with Image.open(path) as img:
+            if img.format != "PNG":
+                raise PipelineError(f"{path}: mask holds {img.format or 'unknown'} data, not a lossless "
+                                    f"PNG (lossy formats change label values)")
             img.load()
             if img.mode not in ("L", "P"):
                 raise PipelineError(f"{path}: mask mode is {img.mode}, expected single-channel (L or P)")
@@ -161,7 +182,7 @@ def manifest_text(frames: Sequence[Frame], base_dir: str | os.PathLike) -> str:
     writer.writerow(MANIFEST_COLUMNS)
     for f in frames:
         writer.writerow([f.id, _rel(f.image, base), _rel(f.mask, base), f.video, f.frame,
-                         f.split, f.height, f.width])
+                         f.split, f.height, f.width, f.digest])
     return buf.getvalue()
 
 
@@ -178,7 +199,7 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[Fra
     base = path.parent
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise PipelineError(f"{path}: missing column(s) {sorted(missing)}")
         frames = []
@@ -189,7 +210,8 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[Fra
                 return str(Path(p) if os.path.isabs(p) else base / p)
             frames.append(Frame(id=row["id"], image=resolve(row["image"]), mask=resolve(row["mask"]),
                                 video=row["video"], frame=int(row["frame"]), split=row["split"],
-                                height=int(row["height"]), width=int(row["width"])))
+                                height=int(row["height"]), width=int(row["width"]),
+                                digest=row.get("digest") or ""))
     if split is not None:
         frames = [f for f in frames if f.split == split]
     return frames

@@ -9,6 +9,7 @@ names to those raw values.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _video_frames(root: Path, video: str, split: str) -> list[Frame]:
     for index, image in enumerate(images):
         mask = vdir / "mask" / f"{image.stem}.png"
         # Train masks are required (validation reports a missing one); test masks are optional.
-        keep = split == "train" or mask.is_file()
+        keep = split == "train" or os.path.lexists(mask)  # a dangling link is named later
         frames.append(Frame(id=f"{video}_{image.stem}", image=str(image), mask=str(mask) if keep else None,
                             video=video, frame=int(image.stem) if image.stem.isdigit() else index,
                             split=split))
@@ -80,10 +81,16 @@ def _video_frames(root: Path, video: str, split: str) -> list[Frame]:
 def vspw_dataset(root: Path, *, train_splits: list, test_split: str) -> tuple[list[Frame], ClassInfo]:
     """Frames of the videos listed in ``<root>/<train_splits>.txt`` (-> ``train``) and the test list.
 
-    Without any list file every video under ``root/data`` goes to ``train``.
+    Without any list file every video under ``root/data`` goes to ``train``; once one exists,
+    each of ``train_splits`` must have its list (a missing one would drop its videos unseen);
+    the test list is optional.
     """
     lists = {name: root / f"{name}.txt" for name in [*map(str, train_splits), test_split] if name}
     if any(p.is_file() for p in lists.values()):
+        absent = [name for name in map(str, train_splits) if not lists[name].is_file()]
+        if absent:
+            raise PipelineError(f"{lists[absent[0]]}: list file of split '{absent[0]}' not found "
+                                f"(prepare.vspw.train_splits names it)")
         videos = []
         for name, path in lists.items():
             split = "test" if name == test_split else "train"
