@@ -80,6 +80,13 @@ class Case:
     setup: Callable[[Ctx], list]        # break the inputs, return the stage's argv
     names: tuple[str, ...]              # what the error line must name: the file or key
     subprocess: bool = False
+    unprivileged: bool = False          # run without root's permission override (read-only cases)
+
+
+# Root writes into a chmod 555 folder regardless; setpriv drops that capability for the stage.
+SETPRIV = shutil.which("setpriv")
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+DROP_OVERRIDE = [SETPRIV, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -513,11 +520,12 @@ def _submitted(ctx: Ctx) -> tuple[Path, list]:
 
 
 def _read_only(folder: Path) -> None:
-    """chmod a folder read-only; skip the case where that does not stop writes (root)."""
+    """chmod a folder read-only (the case runs without root's override, see DROP_OVERRIDE);
+    skip where nothing can stop root's writes (no setpriv)."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o555)
-    if os.access(folder, os.W_OK):
-        pytest.skip("running as root: chmod cannot make a folder read-only")
+    if os.access(folder, os.W_OK) and not (AS_ROOT and SETPRIV):
+        pytest.skip("running as root without setpriv: chmod cannot make a folder read-only")
 
 
 def _submit_read_only(ctx: Ctx) -> list:
@@ -543,7 +551,8 @@ SUBMIT = {
                                ("params.yaml", "'submit.fromat'"), subprocess=True),
     "submit-out-overwrites-weights": Case("submit", _submit_over_weights,
                                           ("--out/--name", "/weights.json"), subprocess=True),
-    "submit-read-only-out": Case("submit", _submit_read_only, ("/submissions: ",)),
+    "submit-read-only-out": Case("submit", _submit_read_only, ("/submissions: ",),
+                                 unprivileged=True),
 }
 
 # ----------------------------------------------------------------------------- evaluate
@@ -591,7 +600,8 @@ EVALUATE = {
     "evaluate-zip-bomb": Case("evaluate", _eval_zip(
         lambda e: [(n, b"\0" * (32 << 20) if n == "vid000_0001.png" else d) for n, d in e]),
         ("sub.zip:vid000_0001.png",)),
-    "evaluate-read-only-out": Case("evaluate", _eval_read_only, ("ro/score.json",)),
+    "evaluate-read-only-out": Case("evaluate", _eval_read_only, ("ro/score.json",),
+                                   unprivileged=True),
 }
 
 CASES: dict[str, Case] = {**PREPARE, **FOLDS, **TRAIN, **SWA, **INFER, **ENSEMBLE, **SUBMIT, **EVALUATE}
@@ -607,10 +617,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def run_stage(case: Case, argv: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
     """Run the stage as the user does; returns (exit code, stderr)."""
-    if case.subprocess:
+    if case.subprocess or case.unprivileged:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        done = subprocess.run([sys.executable, str(REPO / "pipeline" / f"{case.stage}.py"), *argv],
-                              cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        prefix = DROP_OVERRIDE if case.unprivileged and AS_ROOT and SETPRIV else []
+        done = subprocess.run([*prefix, sys.executable, str(REPO / "pipeline" / f"{case.stage}.py"),
+                               *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
         return done.returncode, done.stderr
     monkeypatch.chdir(cwd)
     capsys.readouterr()
