@@ -33,7 +33,7 @@ from pipeline.probstore import (EXT, map_path, member_name, read_labels, read_pr
                                 write_probs, write_run_meta)
 from pipeline.runs import ALL_FOLDS, RunPaths
 from pipeline.splits import train_val_ids
-from pipeline.tta import TTAConfig, predict_probs
+from pipeline.tta import TTAConfig, predict_probs_and_plain
 
 FINGERPRINT = ".fingerprint.json"
 SPLITS = ("oof", "test")
@@ -156,15 +156,16 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
             frame_id = batch["id"][0]
             target = map_path(split_dir, frame_id)
             image = batch["image"].to(device)
-            labels = None
+            labels = plain = None
             if target.is_file():
                 kept += 1
                 if labelled:
                     labels = (read_labels(target) if stride == 1 else
                               read_probs(target, full_size=True).argmax(0).astype(np.uint8))
             else:
-                probs = predict_probs(model, image, tta=tta, num_classes=classes.num_classes)
-                probs_np = probs.float().cpu().numpy()
+                probs, plain = predict_probs_and_plain(model, image, tta=tta,
+                                                       num_classes=classes.num_classes)
+                probs_np = probs[0].float().cpu().numpy()
                 write_probs(target, probs_np, quant=quant, stride=stride,
                             meta={"member": member, "id": frame_id, "fold": fold,
                                   "split": split, "weights": str(weights)})
@@ -173,9 +174,10 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
                 gt = batch["mask"][0].numpy().astype(np.uint8)
                 cm_tta.update(gt, labels)
                 if compare_single and not single_view:
-                    with autocast(device, amp):
-                        logits = forward_padded(model, image)
-                    cm_single.update(gt, logits.argmax(1)[0].to(torch.uint8).cpu().numpy())
+                    if plain is None:  # a kept map, or a TTA without the plain view
+                        with autocast(device, amp):
+                            plain = forward_padded(model, image)
+                    cm_single.update(gt, plain.argmax(1)[0].to(torch.uint8).cpu().numpy())
         bar.close()
 
     counts = {split: len(list((out_dir / split).glob(f"*{EXT}"))) if (out_dir / split).is_dir() else 0

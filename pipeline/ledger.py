@@ -184,7 +184,8 @@ def build_ledger(*, members: Mapping[str, MemberScores],
                             "only swa.pt's maps are stored for this split" if split == "test"
                             else "no swa_metrics.json with both scores")
         rows += _per_member("TTA vs one view", members, split, "single", "tta", band,
-                            "no one-view score (set infer.compare_single: true)")
+                            "test maps are stored with TTA only" if split == "test"
+                            else "no one-view score (set infer.compare_single: true)")
         student_rows = []
         for student, teacher in sorted((teachers or {}).items()):
             s, t = members.get(student), members.get(teacher)

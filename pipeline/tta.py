@@ -208,7 +208,16 @@ def _view_logits(model: nn.Module, views: torch.Tensor, *, tta: TTAConfig,
 def predict_probs_batch(model: nn.Module, images: torch.Tensor, *, tta: TTAConfig,
                         num_classes: int) -> torch.Tensor:
     """TTA probabilities, float32 [N, C, H, W] on the model's device, of ``images`` [N, 3, H, W]
-    (normalized float, one size).
+    (normalized float, one size); see :func:`predict_probs_and_plain`."""
+    return predict_probs_and_plain(model, images, tta=tta, num_classes=num_classes)[0]
+
+
+def predict_probs_and_plain(model: nn.Module, images: torch.Tensor, *, tta: TTAConfig,
+                            num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TTA probabilities, float32 [N, C, H, W] on the model's device, of ``images`` [N, 3, H, W]
+    (normalized float, one size), and the probabilities of the plain view alone (scale 1, not
+    mirrored) [N, C, H, W] when the TTA has that view, else None: a by-product of the same
+    forwards, so scoring one view beside TTA costs nothing more.
 
     Per scale, the views (image, flipped image) of up to ``batch_size // 2`` images run in one
     forward (or through :func:`sliding_window` when larger than ``crop_hw``); each view's softmax
@@ -224,6 +233,7 @@ def predict_probs_batch(model: nn.Module, images: torch.Tensor, *, tta: TTAConfi
     n_kinds = 2 if tta.flip else 1  # view kinds: 0 = as is, 1 = mirrored
     per_group = max(1, tta.batch_size // n_kinds)  # images whose views fill one forward
     acc = torch.zeros(n, num_classes, h, w, dtype=torch.float32, device=device)
+    plain = None
     was_training = model.training
     model.eval()
     try:
@@ -243,13 +253,17 @@ def predict_probs_batch(model: nn.Module, images: torch.Tensor, *, tta: TTAConfi
                         if a < b:
                             p = probs[a - j0:b - j0]
                             group_sum[a - kind * g:b - kind * g] += hflip(p) if kind else p
+                            if scale == 1.0 and kind == 0:
+                                if plain is None:
+                                    plain = torch.empty_like(acc)
+                                plain[i0 + a:i0 + b] = p
                     del logits, probs
                 # resizing is linear: one resize of the per-image sum equals the sum of resizes
                 acc[i0:i0 + g] += restore(group_sum, (h, w))
                 del group_sum
     finally:
         model.train(was_training)
-    return acc / tta.num_views
+    return acc / tta.num_views, plain
 
 
 def predict_probs(model: nn.Module, image: torch.Tensor, *, tta: TTAConfig,

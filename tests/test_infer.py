@@ -127,7 +127,7 @@ def test_interrupted_inference_resumes_without_recomputing(demo_workspace, tmp_p
     import pipeline.inference as inference
 
     calls = {"n": 0}
-    real = inference.predict_probs
+    real = inference.predict_probs_and_plain
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -135,7 +135,7 @@ def test_interrupted_inference_resumes_without_recomputing(demo_workspace, tmp_p
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_probs", dying)
+    monkeypatch.setattr(inference, "predict_probs_and_plain", dying)
     with pytest.raises(KeyboardInterrupt):
         _infer(ws, paths.root, out, "--no-tta")
     run_dir = out / "tiny_s0" / "f0"
@@ -149,7 +149,7 @@ def test_interrupted_inference_resumes_without_recomputing(demo_workspace, tmp_p
         counted["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_probs", counting)
+    monkeypatch.setattr(inference, "predict_probs_and_plain", counting)
     resumed = _infer(ws, paths.root, out, "--no-tta")
     total = resumed["oof_frames"] + resumed["test_frames"]
     assert counted["n"] == total - 3 and resumed["reused_maps"] == 3

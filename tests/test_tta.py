@@ -11,7 +11,8 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.models import build_model
 from pipeline.predict import forward_padded
-from pipeline.tta import (TTAConfig, hflip, predict_probs, predict_probs_batch, rescale, restore,
+from pipeline.tta import (TTAConfig, hflip, predict_probs, predict_probs_and_plain,
+                          predict_probs_batch, rescale, restore,
                           scaled_size, sliding_window, tta_from_params, window_starts)
 
 C = 4
@@ -200,6 +201,18 @@ def test_batch_of_images_equals_one_at_a_time(unet):
     single = torch.stack([predict_probs(unet, v, tta=tta, num_classes=C) for v in x])
     assert batch.shape == (3, C, 37, 53)
     assert torch.allclose(batch, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_plain_view_is_a_by_product_equal_to_plain_inference(unet, batch_size):
+    x = image(37, 53, n=3)
+    tta = TTAConfig(scales=(0.75, 1.0, 1.25), flip=True, batch_size=batch_size)
+    probs, plain = predict_probs_and_plain(unet, x, tta=tta, num_classes=C)
+    assert torch.allclose(probs, predict_probs_batch(unet, x, tta=tta, num_classes=C))
+    assert plain.shape == (3, C, 37, 53)
+    assert torch.allclose(plain, plain_probs(unet, x), atol=1e-6, rtol=0)
+    _, none = predict_probs_and_plain(unet, x, tta=TTAConfig(scales=(0.75, 1.25)), num_classes=C)
+    assert none is None  # no scale-1 view in the TTA: nothing to reuse
 
 
 def test_runs_in_eval_mode_and_restores_train_mode():
