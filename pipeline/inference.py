@@ -25,10 +25,10 @@ from pipeline import atomic
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest
-from pipeline.data.transforms import transform_from_params
+from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.errors import PipelineError
 from pipeline.metrics import ConfusionMatrix, mean_iou
-from pipeline.predict import autocast, forward_padded
+from pipeline.predict import predict_logits
 from pipeline.probstore import (EXT, map_path, member_name, read_labels, read_probs, run_map_dir,
                                 write_probs, write_run_meta)
 from pipeline.runs import ALL_FOLDS, RunPaths
@@ -139,7 +139,9 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
     amp = bool(run_cfg.get("amp", False)) and tta.amp
     cm_tta = ConfusionMatrix(num_classes=classes.num_classes, ignore_index=classes.ignore_index)
     cm_single = ConfusionMatrix(num_classes=classes.num_classes, ignore_index=classes.ignore_index)
-    single_view = tta.scales == (1.0,) and not tta.flip
+    # "one view" is the run's own validation scale (what swa.py scores), not always scale 1
+    plain_scale = val_scale(augment)
+    single_view = tta.scales == (plain_scale,) and not tta.flip
     kept = 0
     for split in SPLITS:
         if not frames[split]:
@@ -165,6 +167,7 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
             else:
                 probs, plain = predict_probs_and_plain(model, image, tta=tta,
                                                        num_classes=classes.num_classes)
+                plain = plain if plain_scale == 1.0 else None  # the by-product is at scale 1
                 probs_np = probs[0].float().cpu().numpy()
                 write_probs(target, probs_np, quant=quant, stride=stride,
                             meta={"member": member, "id": frame_id, "fold": fold,
@@ -174,9 +177,8 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
                 gt = batch["mask"][0].numpy().astype(np.uint8)
                 cm_tta.update(gt, labels)
                 if compare_single and not single_view:
-                    if plain is None:  # a kept map, or a TTA without the plain view
-                        with autocast(device, amp):
-                            plain = forward_padded(model, image)
+                    if plain is None:  # a kept map, or a TTA without that view
+                        plain = predict_logits(model, image, scale=plain_scale, amp=amp)
                     cm_single.update(gt, plain.argmax(1)[0].to(torch.uint8).cpu().numpy())
         bar.close()
 

@@ -39,6 +39,20 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, scale: float = 1.0,
+                   amp: bool = False) -> torch.Tensor:
+    """Logits [N, C, H, W] of one plain view of ``images`` [N, 3, H, W]: resized by ``scale``
+    (bilinear) when it is not 1, predicted, and the logits resized back to (H, W)."""
+    size = images.shape[-2:]
+    if scale != 1.0:
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    with autocast(images.device, amp):
+        logits = forward_padded(model, images)
+    if logits.shape[-2:] != size:
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
 def validate(model: nn.Module, batches: Iterable[dict], *, num_classes: int,
              device: torch.device, amp: bool = False, ignore_index: int = 255,
              scale: float = 1.0) -> np.ndarray:
@@ -50,15 +64,7 @@ def validate(model: nn.Module, batches: Iterable[dict], *, num_classes: int,
     try:
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
-            size = images.shape[-2:]
-            if scale != 1.0:
-                images = F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                       align_corners=False)
-            with autocast(device, amp):
-                logits = forward_padded(model, images)
-            if logits.shape[-2:] != size:
-                logits = F.interpolate(logits.float(), size=size, mode="bilinear",
-                                       align_corners=False)
+            logits = predict_logits(model, images, scale=scale, amp=amp)
             pred = logits.argmax(1).to(torch.uint8).cpu().numpy()
             gt = batch["mask"].numpy().astype(np.uint8)
             for g, p in zip(gt, pred):

@@ -225,3 +225,13 @@ def test_single_view_score_is_absent_unless_measured(demo_workspace, tmp_path):
     assert Member(tmp_path / "a" / "tiny_s0").meta[0]["oof_cm_single"] is None
     plain = infer_main(run + ["--out", str(tmp_path / "b"), "--no-tta"])  # one view: it is the single
     assert plain["oof_miou_single"] == plain["oof_miou_tta"] is not None
+
+
+def test_single_view_is_the_runs_own_validation_view(two_folds):
+    """One view beside TTA (a by-product of its scale-1 forward here) scores the weights as
+    training's validation did: same frames, same view, so TTA vs one view is a paired gain."""
+    _, _, _, runs, metrics = two_folds
+    for paths, m in zip(runs, metrics):
+        trained = json.loads(paths.metrics.read_text())
+        assert m["weights"] == "best.pt"
+        assert m["oof_miou_single"] == pytest.approx(trained["best_miou"], abs=1e-12)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.metrics import ConfusionMatrix
-from pipeline.predict import forward_padded, validate
+from pipeline.predict import forward_padded, predict_logits, validate
 
 
 class ColourModel(nn.Module):
@@ -47,3 +47,13 @@ def test_validate_at_a_scale_equals_resize_predict_resize_back():
     cm_full = validate(model, batches, num_classes=4, device=torch.device("cpu"))
     assert cm_full.sum() == cm_half.sum() == masks.numel()
     assert not np.array_equal(cm_full, cm_half)  # the scale is really applied
+
+
+def test_predict_logits_is_one_view_at_a_scale_at_the_input_size():
+    model = ColourModel().eval()
+    x = torch.randn(2, 3, 36, 48)
+    assert torch.equal(predict_logits(model, x), forward_padded(model, x))  # scale 1: as is
+    half = predict_logits(model, x, scale=0.5)
+    small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+    want = F.interpolate(model(small), size=(36, 48), mode="bilinear", align_corners=False)
+    assert half.shape == (2, 4, 36, 48) and torch.allclose(half, want, atol=1e-6)
