@@ -169,7 +169,7 @@ class Distillation(nn.Module):
 
     needs_teacher = True
 
-    def __init__(self, *, temperature: float = 1.0, labelled_only: bool = False,
+    def __init__(self, *, temperature: float = 1.0, labelled_only: bool = True,
                  ignore_index: int = IGNORE_INDEX):
         super().__init__()
         if temperature <= 0:

@@ -267,17 +267,19 @@ def _overlays(out: Path, *, submissions_dir: Path, submission: dict | None, name
     return None
 
 
-def ledger_inputs(rows: list[dict], runs: list[Run], models: dict | None,
+def ledger_inputs(rows: list[dict], runs: list[Run], maps: dict, models: dict | None,
                   test_scores: dict | None) -> tuple[dict, dict, dict]:
     """(members, teachers, ensemble) arguments of :func:`pipeline.ledger.build_ledger` from the
-    member rows, the runs, params' ``models:`` (None: unknown) and the ensemble's test scores."""
-    model_of = {r.member: (r.model, r.seed) for r in runs}
+    member rows, the runs and the members' maps ({name: Member}: model and seed of members
+    without a run folder), params' ``models:`` (None: unknown) and the ensemble's test scores."""
+    model_of = {name: (m.meta[m.folds[0]].get("model"), int(m.meta[m.folds[0]].get("seed") or 0))
+                for name, m in maps.items()}
+    model_of.update({r.member: (r.model, r.seed) for r in runs})
     test_members = (test_scores or {}).get("members") or {}
     members = {}
     for row in rows:
         name = row["member"]
-        model, seed = model_of.get(name, (name.rsplit("_s", 1)[0], int(name.rsplit("_s", 1)[-1])
-                                          if name.rsplit("_s", 1)[-1].isdigit() else 0))
+        model, seed = model_of[name]
         members[name] = MemberScores(
             model=model, seed=seed,
             oof={"last": row["last_mIoU"], "swa": row["swa_mIoU"],
@@ -392,7 +394,7 @@ def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str
             notes.append(f"test score skipped: {submissions_dir / (name + '.zip.eval.json')} not found "
                          f"(run `python pipeline/evaluate.py {zip_path}` on labelled test frames)")
         members_in, teachers, ensemble_in = ledger_inputs(
-            rows, runs, models, read_json(ensemble_dir / TEST_SCORES))
+            rows, runs, members, models, read_json(ensemble_dir / TEST_SCORES))
         ensemble_in["oof"] = {r: ens_metrics.get(f"{r}_mIoU") for r in ENSEMBLE_ROWS} \
             if ens_metrics is not None else {}
         summary["ledger"] = build_ledger(members=members_in, models=models, teachers=teachers,

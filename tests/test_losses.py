@@ -299,7 +299,8 @@ def test_log_prior_rejects_bad_counts(counts):
 def test_student_logits_go_to_the_teacher_parts_only():
     """The engine hands distillation the student's logits without the logit-adjustment prior,
     and every other part the logits with it."""
-    loss = build_loss([{"name": "ce"}, {"name": "distill", "temperature": 2.0}])
+    loss = build_loss([{"name": "ce"},
+                       {"name": "distill", "temperature": 2.0, "labelled_only": False}])
     logits, target, teacher = torch.randn(B, C, H, W), _target(13), torch.randn(B, C, H, W)
     bias = torch.tensor([0.0, -1.0, -2.0, -3.0]).view(1, C, 1, 1)
     _, parts = loss(logits + bias, target, teacher_logits=teacher, student_logits=logits)
