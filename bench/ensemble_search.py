@@ -56,11 +56,12 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from pipeline import ensembling, fusion
+from pipeline.ensembling import search as ensembling
+from pipeline.ensembling import fusion
 from pipeline.data.manifest import (ClassInfo, Frame, default_palette, read_classes, read_manifest,
                                     read_mask, write_classes, write_manifest)
-from pipeline.metrics import ConfusionMatrix, confusion_matrix, mean_iou
-from pipeline.probstore import list_members, run_map_dir, write_probs, write_run_meta
+from pipeline.evaluation.metrics import ConfusionMatrix, confusion_matrix, mean_iou
+from pipeline.inference.probstore import list_members, run_map_dir, write_probs, write_run_meta
 
 
 def smooth_field(rng: np.random.Generator, classes: int, height: int, width: int) -> np.ndarray:

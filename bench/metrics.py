@@ -1,4 +1,4 @@
-"""Confusion-matrix throughput: pipeline.metrics.confusion_matrix against the plain ways.
+"""Confusion-matrix throughput: pipeline.evaluation.metrics.confusion_matrix against the plain ways.
 
     python bench/metrics.py [--mpix 16] [--classes 19] [--void 0.1] [--miss 0.02] [--repeat 3]
 
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from pipeline.metrics import confusion_matrix, iou_per_class, mean_iou
+from pipeline.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
 
 TARGET_MPIX_S = 200.0
 

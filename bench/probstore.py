@@ -1,4 +1,4 @@
-"""Probability-map storage: size, speed and fidelity of pipeline.probstore against float32 files.
+"""Probability-map storage: size, speed and fidelity of pipeline.inference.probstore against float32 files.
 
     python bench/probstore.py [--frames 500] [--classes 10] [--height 96] [--width 128]
                               [--stride 1] [--big] [--dir DIR] [--members 5] [--repeat 3]
@@ -37,8 +37,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipeline.metrics import ConfusionMatrix, mean_iou
-from pipeline.probstore import read_probs, write_probs
+from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
+from pipeline.inference.probstore import read_probs, write_probs
 
 
 def smooth_softmax(rng: np.random.Generator, *, classes: int, height: int, width: int,
@@ -181,14 +181,14 @@ def demo_ensemble_check(run_dirs: Sequence[str], *, data: Path, folds: Path,
     Returns (mIoU float32, mIoU uint8, members, frames)."""
     import torch
 
-    from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.models.checkpoint import model_from_checkpoint
     from pipeline.data.dataset import SegmentationDataset
     from pipeline.data.manifest import read_classes, read_manifest, read_mask
     from pipeline.data.transforms import eval_transform
-    from pipeline.probstore import member_name
-    from pipeline.runs import RunPaths
-    from pipeline.splits import train_val_ids
-    from pipeline.tta import TTAConfig, predict_probs
+    from pipeline.core.names import member_name
+    from pipeline.core.runs import RunPaths
+    from pipeline.data.splits import train_val_ids
+    from pipeline.inference.tta import TTAConfig, predict_probs
 
     classes = read_classes(data / "classes.json")
     frames = {f.id: f for f in read_manifest(data / "manifest.csv", split="train")}

@@ -28,10 +28,11 @@ import torch
 from pipeline.data.dataset import SegmentationDataset, build_loader
 from pipeline.data.manifest import read_classes, read_manifest
 from pipeline.data.transforms import transform_from_params
-from pipeline.losses import build_loss
-from pipeline.models import build_model, to_channels_last
-from pipeline.optim import build_optimizer
-from pipeline.predict import autocast
+from pipeline.training.losses import build_loss
+from pipeline.models.build import build_model
+from pipeline.models.wrappers import to_channels_last
+from pipeline.training.optim import build_optimizer
+from pipeline.models.predict import autocast
 
 GPU_DEFAULTS = {"size": 256, "batch": 8, "iters": 20, "warmup": 3}
 CPU_DEFAULTS = {"size": 128, "batch": 2, "iters": 5, "warmup": 1}
@@ -95,7 +96,7 @@ def loader_rate(*, data: Path, size: int, batch: int, batches: int, num_workers:
 def demo_data(out: Path, *, size: int, frames: int) -> Path:
     """A demo dataset of ``frames`` train frames of size x 4/3 size in ``out``; returns ``out``."""
     from pipeline.data.adapters import parse_options
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.preparation import prepare_dataset
 
     per_video = 8
     videos = max(1, -(-frames // per_video))

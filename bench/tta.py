@@ -1,4 +1,4 @@
-"""TTA throughput and memory: batched views (pipeline.tta) against a per-view loop.
+"""TTA throughput and memory: batched views (pipeline.inference.tta) against a per-view loop.
 
     python bench/tta.py [--size 128 160] [--images 8] [--encoder resnet18] [--threads 1]
 
@@ -6,8 +6,8 @@ All contenders run on the same model (seeded random init) and the same random im
 the same views (--scales x flip) and the same maths, and must agree:
   * loop      : one forward per view, each view's softmax de-augmented into a running sum;
   * keep_all  : the same loop, but every de-augmented view is kept and averaged at the end;
-  * batched   : pipeline.tta.predict_probs, one image at a time (its views share a forward);
-  * batched_n : pipeline.tta.predict_probs_batch, --batch-size views per forward (several images).
+  * batched   : pipeline.inference.tta.predict_probs, one image at a time (its views share a forward);
+  * batched_n : pipeline.inference.tta.predict_probs_batch, --batch-size views per forward (several images).
 Prints images/s (best of --repeat interleaved rounds after one warm-up, in this process), the
 speed-up over the loop, and the peak memory of one run, measured in a fresh process per
 contender, above what was resident before it: on CUDA torch.cuda.max_memory_allocated, on the
@@ -28,9 +28,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from pipeline.models import build_model
-from pipeline.predict import autocast, forward_padded
-from pipeline.tta import (DEFAULT_SCALES, TTAConfig, hflip, predict_probs, predict_probs_batch,
+from pipeline.models.build import build_model
+from pipeline.models.predict import autocast, forward_padded
+from pipeline.inference.tta import (DEFAULT_SCALES, TTAConfig, hflip, predict_probs, predict_probs_batch,
                           rescale, restore)
 
 TARGET_SPEEDUP = 1.5

@@ -17,7 +17,7 @@ families), or the lists given in ``ensemble.groups``. The fused map is P_S + alp
 beta P_A (VSPW 2021, 5th place: 57.26 best single -> 58.01 P_S -> 58.50 +W -> 61.10 +A).
 
 ``--search`` scores every (alpha, beta) of the grid in one streaming pass over the OOF maps
-(:func:`pipeline.fusion.score_pass`, which also scores the best member and the uniform mean),
+(:func:`pipeline.ensembling.fusion.score_pass`, which also scores the best member and the uniform mean),
 then records them in an Optuna study, one complete trial per grid point in grid order; the
 study lives in ``<out>/study.db`` (SQLite) and resumes. The fused rows of the table (P_S,
 P_S + alpha P_W, the best point) need label maps for their video consistency: the grid pass
@@ -45,7 +45,7 @@ Outputs: ``weights.json`` (groups, alpha, beta, grid, score, input fingerprint),
 ``--apply`` fuses the test maps with the saved weights into ``<out>/test_pred/<id>.png``: it
 never fits anything on test data. Where test frames have masks, it then scores every member
 and row of the table on them with the OOF-fitted weights (``<out>/test_scores.json``, see
-:mod:`pipeline.holdout`), for the technique ledger.
+:mod:`pipeline.ensembling.holdout`), for the technique ledger.
 """
 
 from __future__ import annotations
@@ -56,12 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import fusion
-from pipeline.config import load_section
-from pipeline.ensembling import (WEIGHTS, apply_ensemble, format_table, model_families,
+from pipeline.core.names import BEST_SINGLE
+from pipeline.ensembling import fusion
+from pipeline.core.params import load_section
+from pipeline.ensembling.search import (WEIGHTS, apply_ensemble, format_table, model_families,
                                  params_members, parse_grid, parse_groups, pct, search_ensemble)
-from pipeline.errors import PipelineError, run_cli
-from pipeline.holdout import TEST_SCORES, score_test
+from pipeline.core.errors import PipelineError, run_cli
+from pipeline.ensembling.holdout import TEST_SCORES, score_test
 
 
 @dataclass
@@ -78,7 +79,7 @@ class EnsembleParams:
     chunk_frames: int = 32       # frames per parallel task (bounds memory)
     workers: int = 2             # joblib processes
     allow_partial: bool = False  # fit on OOF maps that cover only part of the train frames
-    fallback: str = "best_single"  # best_single | none: when the fused row is below the best member
+    fallback: str = BEST_SINGLE  # best_single | none: when the fused row is below the best member
     full_data_weight: float = 0.0  # share of a member's test map given to its --fold all run
 
 
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for group in fusion.GROUPS:
         print(f"{group}: {', '.join(fused['groups'][group]) or '-'}")
     print(format_table(metrics))
-    single = weights["best_single"]
+    single = weights[BEST_SINGLE]
     if fused["oof_mIoU"] < single["oof_mIoU"]:
         below = (f"the best fused row (alpha={fused['alpha']:g}, beta={fused['beta']:g}, OOF "
                  f"mIoU {pct(fused['oof_mIoU'])}) is below the best single member "

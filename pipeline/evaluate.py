@@ -6,13 +6,13 @@
 
 PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
 A submission zip written by ``pipeline/submit.py`` is decoded back to train ids per its format
-(:mod:`pipeline.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
+(:mod:`pipeline.submission.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
 comes from the ``<name>.json`` beside the zip (checked to be that zip's), or ``--format``
 (which wins when both exist). The zip must hold each entry once, and no entry that is not a
 frame of the split: a stray entry means the zip was made for other frames (another split or
 manifest), and scoring the overlap would report a number about a set nobody chose.
 
-mIoU is the standard one (:data:`pipeline.metrics.MIOU_DEFINITION`, stated once in the table
+mIoU is the standard one (:data:`pipeline.evaluation.metrics.MIOU_DEFINITION`, stated once in the table
 and the JSON): the mean over every class with TP + FP + FN > 0, so a class predicted but absent
 from the ground truth scores 0, as in MMSegmentation, the Cityscapes script and VSPW.
 The value 255 means "no prediction": it is not an error, and as in the Cityscapes script such
@@ -30,209 +30,24 @@ a read-only folder is one ``error:`` line. A source of predictions only needs a
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
-from tqdm import tqdm
-
-from pipeline import atomic, metrics
-from pipeline.config import load_section
-from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
-from pipeline.errors import PipelineError, run_cli
-from pipeline.formats import ZipPredictions, get_format, sha256_of, sidecar_path, zip_format_name
-
-NO_PREDICTION = 255
+from pipeline.core import atomic
+from pipeline.core.errors import PipelineError, run_cli
+from pipeline.core.params import load_section
+from pipeline.data.manifest import read_manifest
+from pipeline.evaluation import metrics
+from pipeline.evaluation.scoring import (default_out, evaluate_folder, evaluate_zip, input_paths, is_zip,
+                                         resolve_classes_path)
+from pipeline.submission.formats import sidecar_path
 
 
 @dataclass
 class EvaluateParams:
     split: str = "test"
     require_labels: bool = True   # false: a split without labels (a challenge's test) is noted, not an error
-
-
-@dataclass(frozen=True)
-class FolderPredictions:
-    """Predictions stored as ``<root>/<frame id>.png``; calling it loads one as HxW uint8."""
-
-    root: Path
-
-    def path(self, frame: Frame) -> Path:
-        return self.root / f"{frame.id}.png"
-
-    def describe(self, frame: Frame) -> str:
-        return str(self.path(frame))
-
-    def missing(self, frames: Sequence[Frame]) -> list[Frame]:
-        present = set(os.listdir(self.root))
-        return [f for f in frames if f"{f.id}.png" not in present]
-
-    def __call__(self, frame: Frame) -> np.ndarray:
-        return read_raw_mask(self.path(frame))
-
-
-def _checked_prediction(pred: np.ndarray, gt: np.ndarray, *, num_classes: int, name: str,
-                        frame: Frame) -> np.ndarray:
-    """Validate one prediction against its mask's size and the class range; returns it as uint8."""
-    pred = np.asarray(pred)
-    if pred.shape != gt.shape:
-        raise PipelineError(f"{name}: prediction size {'x'.join(map(str, pred.shape))} differs "
-                            f"from the mask of frame '{frame.id}' ({gt.shape[0]}x{gt.shape[1]}, HxW)")
-    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
-        bad = np.unique(pred[(pred < 0) | ((pred >= num_classes) & (pred != NO_PREDICTION))])
-        if bad.size:
-            raise PipelineError(f"{name}: prediction value {int(bad[0])} is not a class "
-                                f"(0..{num_classes - 1}) nor {NO_PREDICTION} = no prediction")
-    return pred.astype(np.uint8, copy=False)
-
-
-def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
-                         load_pred: Callable[[Frame], np.ndarray], *,
-                         describe: Callable[[Frame], str] | None = None,
-                         progress: bool = True) -> dict:
-    """Score ``load_pred(frame)`` (HxW train ids, 255 = no prediction) on the labelled ``frames``.
-
-    Frames are visited video by video in frame order (video consistency needs it). Returns
-    :func:`pipeline.metrics.summarize`'s dict (mIoU over the classes with TP + FP + FN > 0; a
-    255 on a labelled pixel is a miss of its class only) plus ``frames`` and ``videos`` counts.
-    ``describe(frame)`` names a prediction in error messages (its file, say).
-    """
-    labelled = sorted((f for f in frames if f.mask), key=lambda f: (f.video, f.frame, f.id))
-    if not labelled:
-        raise PipelineError("no labelled frames to evaluate")
-    describe = describe or (lambda f: f"prediction of frame '{f.id}'")
-    num_classes, lut = classes.num_classes, classes.lut_array()
-    # "No prediction" pixels fill a column of their own: misses of their true class only.
-    # With more than 255 classes, 255 is a class and there is no such value.
-    cm = metrics.ConfusionMatrix(num_classes=num_classes, ignore_index=classes.ignore_index,
-                                 no_prediction=NO_PREDICTION if num_classes <= NO_PREDICTION else None)
-    vc = metrics.VideoConsistency(windows=metrics.VC_WINDOWS)
-    videos = 0
-    with tqdm(total=len(labelled), desc="evaluate", unit="frame", disable=not progress) as bar:
-        for _, group in itertools.groupby(labelled, key=lambda f: f.video):
-            videos += 1
-            for frame in group:
-                gt = read_mask(frame.mask, lut)
-                pred = _checked_prediction(load_pred(frame), gt, num_classes=num_classes,
-                                           name=describe(frame), frame=frame)
-                cm.update(gt, pred)
-                vc.add_frame(gt, pred)
-                bar.update()
-            vc.end_video()
-    summary = metrics.summarize(cm.matrix, class_names=classes.names, vc=vc.result())
-    summary.update(frames=len(labelled), videos=videos)
-    return summary
-
-
-def default_out(pred: str | os.PathLike) -> Path:
-    """``<pred>.eval.json`` beside the predictions (``preds/`` -> ``preds.eval.json``)."""
-    pred = Path(pred)
-    return pred.parent / f"{pred.name}.eval.json"
-
-
-def labelled_frames(manifest: str | os.PathLike, split: str) -> list[Frame]:
-    """The labelled frames of ``split``, by video and frame; none is an error naming the splits."""
-    all_frames = read_manifest(manifest)
-    frames = sorted((f for f in all_frames if f.split == split and f.mask),
-                    key=lambda f: (f.video, f.frame, f.id))
-    if not frames:
-        splits = sorted({f.split for f in all_frames if f.mask})
-        raise PipelineError(f"{manifest}: split '{split}' has no labelled frames "
-                            f"(splits with labels: {', '.join(splits) or 'none'})")
-    return frames
-
-
-def _inputs(pred: Path, manifest: Path, classes_path: Path, *, side: Path | None = None,
-            params: str | os.PathLike | None = None) -> dict:
-    """What the stage reads, for :func:`pipeline.atomic.refuse_overwrite`."""
-    return {"the predictions": pred, "the manifest": manifest, "the classes file": classes_path,
-            "the submission JSON": side, "the params file": params}
-
-
-def _classes_path(manifest: Path, classes_path: str | os.PathLike | None) -> Path:
-    return Path(classes_path) if classes_path else manifest.parent / "classes.json"
-
-
-def evaluate_folder(pred_dir: str | os.PathLike, *, manifest: str | os.PathLike,
-                    classes_path: str | os.PathLike | None = None, split: str = "test",
-                    out: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """Evaluate ``pred_dir`` on ``split`` of ``manifest`` and write the summary JSON to ``out``.
-
-    ``classes_path`` defaults to ``classes.json`` beside the manifest, ``out`` to
-    :func:`default_out`; an ``out`` that is one of the inputs is refused. Returns the summary
-    that was written.
-    """
-    pred_dir, manifest = Path(pred_dir), Path(manifest)
-    classes_path = _classes_path(manifest, classes_path)
-    out = Path(out) if out else default_out(pred_dir)
-    atomic.refuse_overwrite(out, _inputs(pred_dir, manifest, classes_path))
-    if not pred_dir.exists():
-        raise PipelineError(f"{pred_dir}: prediction folder not found")
-    if not pred_dir.is_dir():
-        raise PipelineError(f"{pred_dir}: not a folder of <id>.png predictions")
-    classes = read_classes(classes_path)
-    frames = labelled_frames(manifest, split)
-    source = FolderPredictions(pred_dir)
-    return _score(source, frames, classes, pred=pred_dir, split=split, what="prediction",
-                  out=out, progress=progress, manifest=str(manifest))
-
-
-def _score(source, frames: Sequence[Frame], classes, *, pred: Path, split: str, what: str,
-           out: Path, progress: bool, **facts) -> dict:
-    """Check that ``source`` covers every frame, evaluate, and write the summary JSON."""
-    missing = source.missing(frames)
-    if missing:
-        raise PipelineError(f"{pred}: {len(missing)} of {len(frames)} labelled '{split}' frames "
-                            f"have no {what}; first missing: {source.describe(missing[0])}")
-    summary = evaluate_predictions(frames, classes, source, describe=source.describe,
-                                   progress=progress)
-    summary.update(split=split, predictions=str(pred), **facts)
-    with atomic.output_errors(out):
-        atomic.write_json(out, summary)
-    return summary
-
-
-def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
-                 classes_path: str | os.PathLike | None = None, split: str = "test",
-                 out: str | os.PathLike | None = None, fmt: str | None = None,
-                 vspw_offset: int | None = None, progress: bool = True) -> dict:
-    """Evaluate a submission zip like :func:`evaluate_folder`, decoding its entries to train ids.
-
-    ``fmt`` / ``vspw_offset`` default to the values in the JSON beside the zip (submit.py's),
-    which must describe this zip (its sha256). An entry name found twice, an entry of no frame
-    of ``split`` (labelled or not) and an entry larger than its frame's PNG can be are errors.
-    The summary also holds the zip's ``sha256``, so a reader can tell which zip was scored.
-    """
-    zip_path, manifest = Path(zip_path), Path(manifest)
-    classes_path = _classes_path(manifest, classes_path)
-    out = Path(out) if out else default_out(zip_path)
-    atomic.refuse_overwrite(out, _inputs(zip_path, manifest, classes_path,
-                                         side=sidecar_path(zip_path)))
-    if not zip_path.is_file():
-        raise PipelineError(f"{zip_path}: submission zip not found")
-    classes = read_classes(classes_path)
-    name, offset = zip_format_name(zip_path, fmt=fmt, vspw_offset=vspw_offset)
-    submission = get_format(name, dataset=classes.dataset, vspw_offset=offset)
-    frames = labelled_frames(manifest, split)
-    split_frames = [f for f in read_manifest(manifest) if f.split == split]
-    with ZipPredictions(zip_path, fmt=submission, num_classes=classes.num_classes) as source:
-        stray = source.unmatched(split_frames)
-        if stray:
-            raise PipelineError(f"{zip_path}: {len(stray)} entr(ies) match no '{split}' frame of "
-                                f"{manifest}; first: '{stray[0]}' (the {submission.name} layout "
-                                f"is {submission.layout})")
-        return _score(source, frames, classes, pred=zip_path, split=split, what="entry", out=out,
-                      progress=progress, format=submission.name, sha256=sha256_of(zip_path),
-                      manifest=str(manifest))
-
-
-def is_zip(path: str | os.PathLike) -> bool:
-    """A ``.zip`` path (existing or not) or any existing file: scored as a submission zip."""
-    path = Path(path)
-    return path.suffix.lower() == ".zip" or path.is_file()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -251,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else default_out(args.pred)
     pred, manifest = Path(args.pred), Path(args.manifest)
-    atomic.refuse_overwrite(out, _inputs(pred, manifest, _classes_path(manifest, args.classes),
+    atomic.refuse_overwrite(out, input_paths(pred, manifest, resolve_classes_path(manifest, args.classes),
                                          side=sidecar_path(pred) if is_zip(pred) else None,
                                          params=args.params))
     params = load_section(EvaluateParams, "evaluate", args.params, overrides={"split": args.split})

@@ -3,7 +3,7 @@
     python pipeline/folds.py [--manifest data/manifest.csv] [--counts data/class_counts.npz]
                              [--out folds/folds.csv] [--params params.yaml]
 
-Every later stage reads this file (pipeline.splits.read_folds / train_val_ids); none re-splits.
+Every later stage reads this file (pipeline.data.splits.read_folds / train_val_ids); none re-splits.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import DEFAULT_PARAMS, load_section
-from pipeline.errors import run_cli
-from pipeline.splits import format_summary, make_folds
+from pipeline.core.params import DEFAULT_PARAMS, load_section
+from pipeline.core.errors import run_cli
+from pipeline.data.splits import format_summary, make_folds
 
 
 @dataclass

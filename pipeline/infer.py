@@ -14,19 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import load_section
-from pipeline.engine import resolve_device
-from pipeline.errors import run_cli
-from pipeline.inference import SPLITS, infer_run
-from pipeline.tta import tta_from_params
+from pipeline.core.params import load_section
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import run_cli
+from pipeline.inference.runner import infer_run
+from pipeline.core.names import MAP_SPLITS
+from pipeline.inference.tta import tta_from_params
 
 
 @dataclass
 class InferParams:
-    tta: dict = field(default_factory=dict)   # keys of pipeline.tta.TTAConfig; {} = defaults
+    tta: dict = field(default_factory=dict)   # keys of pipeline.inference.tta.TTAConfig; {} = defaults
     quant: str = "uint8"                       # uint8 | float16
     stride: int = 1                            # keep every stride-th row/column of the maps
-    splits: list = field(default_factory=lambda: list(SPLITS))
+    splits: list = field(default_factory=lambda: list(MAP_SPLITS))
     compare_single: bool = True                # also score OOF with one plain view
     device: str = "auto"
     num_workers: int = 0

@@ -5,7 +5,7 @@
                               [--name submission] [--params params.yaml]
 
 Writes ``<out>/`` as a whole (training curves, per-class IoU, confusion matrix, ensemble heatmap,
-overlays, ``summary.md``, ``summary.json``; see :mod:`pipeline.reports`) and prints the summary.
+overlays, ``summary.md``, ``summary.json``; see :mod:`pipeline.reporting.summary`) and prints the summary.
 Parts whose inputs are missing are skipped with a note; no training run at all is an error.
 The stage has no params.yaml section of its own: it reads results, and ``models:`` of the
 params file (when present) to find students' teachers and configs that differ in one switch
@@ -18,9 +18,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import read_params
-from pipeline.errors import run_cli
-from pipeline.reports import build_report, format_summary
+from pipeline.core.params import read_params
+from pipeline.core.errors import run_cli
+from pipeline.reporting.summary import build_report, format_summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -14,9 +14,11 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.engine import init_distributed, load_run_data, resolve_device, teacher_weights, train_run
-from pipeline.errors import run_cli
-from pipeline.runs import RunPaths, load_model_params, load_train_params, parse_fold, run_name
+from pipeline.training.loop import load_run_data, teacher_weights, train_run
+from pipeline.core.device import init_distributed, resolve_device
+from pipeline.core.errors import run_cli
+from pipeline.core.runs import RunPaths, load_model_params, load_train_params, parse_fold
+from pipeline.core.names import run_name
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

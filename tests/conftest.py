@@ -142,8 +142,9 @@ class DemoWorkspace:
     def train(self, model: str = "tiny", fold: int | str = 0, seed: int = 0, *,
               params: str | Path | None = None, runs: str | Path | None = None):
         """Train a run once per session (kept in ``runs``, default ``root/runs``) and return its
-        :class:`pipeline.runs.RunPaths`; a finished run (metrics.json present) is reused."""
-        from pipeline.runs import RunPaths, parse_fold, run_name
+        :class:`pipeline.core.runs.RunPaths`; a finished run (metrics.json present) is reused."""
+        from pipeline.core.runs import RunPaths, parse_fold
+        from pipeline.core.names import run_name
         from pipeline.train import main as train_main
 
         paths = RunPaths(Path(runs or self.runs) / run_name(model, parse_fold(fold), seed))
@@ -163,8 +164,8 @@ def demo_workspace(tmp_path_factory) -> DemoWorkspace:
     """A tiny demo dataset (4 train videos of 6-8 frames of 32x48, 2 test videos), 2 folds and a
     params.yaml with the tiny model config, built once per test session."""
     from pipeline.data.adapters import parse_options
-    from pipeline.prepare import prepare_dataset
-    from pipeline.splits import make_folds
+    from pipeline.data.preparation import prepare_dataset
+    from pipeline.data.splits import make_folds
 
     ws = DemoWorkspace(root=tmp_path_factory.mktemp("demo_workspace"))
     prepare_dataset(dataset="demo", root=None, out=ws.data, workers=1,

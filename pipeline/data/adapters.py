@@ -2,7 +2,7 @@
 
 Each adapter is chosen by name (``prepare.dataset``) and has an options dataclass, the nested
 ``prepare.<name>`` section of params.yaml. An adapter only lists files and describes classes;
-decoding and checking every image and mask is :mod:`pipeline.prepare`'s job. Raw mask values
+decoding and checking every image and mask is :mod:`pipeline.data.preparation`'s job. Raw mask values
 are never rewritten: ``ClassInfo.mask_lut`` maps them to train ids when a mask is read.
 Cityscapes and VSPW live in their own modules because of their mapping tables.
 """
@@ -18,12 +18,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pipeline.config import build_section
+from pipeline.core.params import build_section
 from pipeline.data.cityscapes import CityscapesOptions, cityscapes_dataset
-from pipeline.data.manifest import (IGNORE_INDEX, INVALID, SPLITS, ClassInfo, Frame, default_palette,
+from pipeline.data.manifest import (IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette,
                                     identity_lut)
+from pipeline.core.names import MANIFEST_SPLITS
 from pipeline.data.vspw import VSPWOptions, vspw_dataset
-from pipeline.errors import PipelineError, unknown_name
+from pipeline.core.errors import PipelineError, unknown_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -212,8 +213,8 @@ def check_listing(frames: list[Frame], *, where: str, hint: str = "") -> None:
     for f in frames:
         if "/" in f.id or not f.id:
             raise PipelineError(f"{f.image}: frame id {f.id!r} must be non-empty and contain no '/'")
-        if f.split not in SPLITS:
-            raise PipelineError(f"{f.image}: split {f.split!r} is not one of {', '.join(SPLITS)}")
+        if f.split not in MANIFEST_SPLITS:
+            raise PipelineError(f"{f.image}: split {f.split!r} is not one of {', '.join(MANIFEST_SPLITS)}")
         if f.id in seen:
             raise PipelineError(f"{f.image}: duplicate frame id {f.id!r} (also {seen[f.id]})")
         seen[f.id] = f.image
@@ -253,6 +254,6 @@ def build_dataset(name: str, *, root: str | Path | None, work_dir: Path, options
     allowed = (lut == INVALID) | (lut == IGNORE_INDEX) | ((lut >= 0) & (lut < classes.num_classes))
     if lut.shape != (256,) or not allowed.all():
         raise ValueError(f"adapter '{name}' produced a mask LUT with entries outside the classes")
-    order = {s: i for i, s in enumerate(SPLITS)}
+    order = {s: i for i, s in enumerate(MANIFEST_SPLITS)}
     frames = sorted(frames, key=lambda f: (order[f.split], f.video, f.frame, f.id))
     return frames, dataclasses.replace(classes, mask_lut=lut.astype(int).tolist())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, identity_lut
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

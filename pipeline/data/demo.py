@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.manifest import IGNORE_INDEX, ClassInfo, Frame, identity_lut
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 CLASSES = ("sky", "building", "vegetation", "road", "sidewalk", "car", "person", "pole", "sign", "animal")
 SKY, BUILDING, VEGETATION, ROAD, SIDEWALK, CAR, PERSON, POLE, SIGN, ANIMAL = range(len(CLASSES))

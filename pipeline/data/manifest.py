@@ -25,15 +25,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline import atomic
-from pipeline.errors import PipelineError
+from pipeline.core import atomic
+from pipeline.core.errors import PipelineError
 
 IGNORE_INDEX = 255
 INVALID = -1  # LUT entry for a raw mask value that is neither a class nor void
 MANIFEST_COLUMNS = ("id", "image", "mask", "video", "frame", "split", "height", "width", "digest")
 OPTIONAL_COLUMNS = ("digest",)  # absent from manifests written before it existed
 DIGEST_CHARS = 16  # hex characters of a frame digest (64 bits: no accidental collision)
-SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -253,3 +252,12 @@ def read_class_counts(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         raise PipelineError(f"{path}: class counts not found (run `python pipeline/prepare.py` first)")
     with np.load(path) as data:
         return [str(i) for i in data["ids"]], data["counts"].astype(np.int64)
+
+
+def palette_table(classes) -> np.ndarray:
+    """[256, 3] uint8 colours of the train ids (void and unused values black)."""
+    colours = classes.palette if len(classes.palette) >= classes.num_classes else default_palette(
+        classes.num_classes)
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:classes.num_classes] = np.asarray(colours[:classes.num_classes], dtype=np.uint8)
+    return table

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 VSPW_NUM_CLASSES = 124
 VSPW_VOID_VALUES = (0, 255)

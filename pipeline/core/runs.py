@@ -1,0 +1,291 @@
+"""What a training run is: its params (one named model config), its name and its files.
+
+A model config is a named subsection of ``models:`` in params.yaml; two configs may share an
+architecture with different settings. A run is (model config, fold, seed) and lives in
+``runs/<model>_f<fold>_s<seed>/``:
+
+    train/           the training stage's output (DVC ``persist``: kept for resuming)
+      last.pt        resumable checkpoint (model, optimizer, scheduler, RNG states; the
+                     config and data digests that decide whether a re-run resumes it)
+      best.pt        best validation mIoU (equal to last.pt when there is no validation)
+      snapshots/     swa_<iteration>.pt, one per SWA cycle
+      class_iou.json per-class IoU of the last validation
+    log.csv          iteration, lr, loss parts, images/s (a DVC plot)
+    val.csv          iteration, mIoU, pixel accuracy at each validation (a DVC plot)
+    metrics.json     the run's final metrics (written by train.py)
+    swa.pt           averaged weights (written by swa.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.core.names import ALL_FOLDS, INFER_METRICS_FILE, METRICS_FILE, SWA_METRICS_FILE
+from pipeline.core.params import build_section, read_params
+from pipeline.core.errors import PipelineError, unknown_name
+
+
+
+@dataclass
+class OptimizerParams:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+
+
+@dataclass
+class ScheduleParams:
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-3
+    power: float = 1.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class SwaParams:
+    """Extra iterations after the main schedule at a cyclic lr, a snapshot per cycle."""
+
+    iters: int = 0          # 0 = no SWA phase
+    interval: int = 1       # cycle length = snapshot interval
+    max_lr_ratio: float = 0.1   # of the base lr, at each cycle's start
+    min_lr_ratio: float = 0.01  # at each cycle's end, where the snapshot is taken
+
+
+@dataclass
+class LogitAdjustParams:
+    enabled: bool = False
+    tau: float = 0.03
+    scale: float = 16.0      # cosine head only
+    keep_prior_at_eval: bool = False
+    head: str = "cosine"     # cosine | linear (smp's conv plus the prior bias)
+
+
+@dataclass
+class DistillParams:
+    teacher: str = ""        # a model config name (same fold), a run dir or a checkpoint file
+    teacher_seed: int = -1   # -1: the student's own seed
+    weight: float = 1.0
+    temperature: float = 1.0
+    labelled_only: bool = True  # average the KL over labelled pixels only (void, padding: out)
+
+
+@dataclass
+class ModelParams:
+    """One named model config (``models.<name>`` in params.yaml)."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    arch_kwargs: dict = field(default_factory=dict)
+    weights: str = ""            # "" random init | PATH local file | "hub:imagenet"
+    family: str = "primary"      # ensemble grouping: primary (S/W) or an auxiliary family (A)
+    batch_size: int = 8          # the global batch of one step, split evenly across DDP ranks
+    iters: int = 200
+    val_interval: int = 50
+    ckpt_interval: int = 0       # 0: at each validation
+    log_interval: int = 10
+    augment: dict = field(default_factory=lambda: {"crop": [64, 64]})
+    loss: list = field(default_factory=lambda: [{"name": "ce"}])
+    optimizer: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+    swa: dict = field(default_factory=dict)
+    logit_adjust: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
+    grad_clip: float = 0.0       # max global grad norm; 0 = off
+    amp: bool = True             # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True   # on CUDA (ignored on CPU)
+
+
+SUBSECTIONS = {"optimizer": OptimizerParams, "schedule": ScheduleParams, "swa": SwaParams,
+               "logit_adjust": LogitAdjustParams, "distill": DistillParams}
+
+
+@dataclass
+class TrainParams:
+    """The ``train:`` section: which runs exist and how the machine runs them."""
+
+    models: list = field(default_factory=list)    # model configs trained as the k-fold matrix
+    students: list = field(default_factory=list)  # distilled configs (after their teachers)
+    folds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list = field(default_factory=lambda: [0])
+    student_seeds: list = field(default_factory=lambda: [0])  # students' seeds (within seeds)
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    num_workers: int = 2
+    deterministic: bool = True
+    runs_dir: str = "runs"
+
+
+@dataclass
+class RunConfig:
+    """A model config with its sub-sections parsed into dataclasses."""
+
+    name: str
+    model: ModelParams
+    optimizer: OptimizerParams
+    schedule: ScheduleParams
+    swa: SwaParams
+    logit_adjust: LogitAdjustParams
+    distill: DistillParams
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able resolved config (what checkpoints store)."""
+        out = dataclasses.asdict(self.model)
+        for key in SUBSECTIONS:
+            out[key] = dataclasses.asdict(getattr(self, key))
+        out["name"] = self.name
+        return out
+
+    @property
+    def total_iters(self) -> int:
+        return self.model.iters + self.swa.iters
+
+
+def parse_model_params(name: str, values: Mapping[str, Any] | None, *,
+                       source: str = "params.yaml") -> RunConfig:
+    """Validate ``models.<name>`` (and its sub-sections) into a :class:`RunConfig`."""
+    model = build_section(ModelParams, values, section=f"models.{name}", source=source)
+    subs = {key: build_section(schema, getattr(model, key), section=f"models.{name}.{key}",
+                               source=source)
+            for key, schema in SUBSECTIONS.items()}
+    cfg = RunConfig(name=name, model=model, **subs)
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: RunConfig, source: str) -> None:
+    where = f"{source}: models.{cfg.name}"
+    m = cfg.model
+    for key in ("batch_size", "iters", "val_interval", "log_interval"):
+        if getattr(m, key) < 1:
+            raise PipelineError(f"{where}.{key} must be >= 1, got {getattr(m, key)}")
+    if cfg.swa.iters < 0 or cfg.swa.interval < 1 or cfg.swa.iters % cfg.swa.interval:
+        raise PipelineError(f"{where}.swa: iters ({cfg.swa.iters}) must be a non-negative "
+                            f"multiple of interval ({cfg.swa.interval})")
+    if cfg.schedule.warmup_iters >= m.iters:
+        raise PipelineError(f"{where}.schedule.warmup_iters ({cfg.schedule.warmup_iters}) must "
+                            f"be below iters ({m.iters})")
+    if cfg.distill.teacher and cfg.distill.teacher == cfg.name:
+        raise PipelineError(f"{where}.distill.teacher: a config cannot distill from itself")
+
+
+def load_model_params(name: str, params_path: str | Path = "params.yaml") -> RunConfig:
+    """Read ``models.<name>`` from the params file (unknown name: list the valid ones)."""
+    params = read_params(params_path)
+    models = params.get("models") or {}
+    if name not in models:
+        raise PipelineError(f"{params_path}: {unknown_name('model config', name, list(models))}"
+                            f" (configs live under 'models:')")
+    return parse_model_params(name, models[name], source=str(params_path))
+
+
+def load_train_params(params_path: str | Path = "params.yaml") -> TrainParams:
+    params = read_params(params_path)
+    train = build_section(TrainParams, params.get("train"), section="train",
+                          source=str(params_path))
+    models = params.get("models") or {}
+    for name in train.models:
+        if name not in models:
+            raise PipelineError(f"{params_path}: train.models: "
+                                f"{unknown_name('model config', str(name), list(models))}")
+    if train.students and not train.student_seeds:
+        raise PipelineError(f"{params_path}: train.student_seeds is empty; list the seeds the "
+                            f"students train with (e.g. [{train.seeds[0] if train.seeds else 0}])")
+    extra = [s for s in train.student_seeds if s not in train.seeds]  # no teacher run of theirs
+    for i, student in enumerate(train.students):
+        if not (isinstance(student, dict) and set(student) == {"name", "teacher"}):
+            raise PipelineError(f"{params_path}: train.students[{i}] must be "
+                                f"{{name: <config>, teacher: <config>}}, got {student!r}")
+        for key in ("name", "teacher"):
+            if student[key] not in models:
+                raise PipelineError(f"{params_path}: train.students[{i}].{key}: "
+                                    f"{unknown_name('model config', str(student[key]), list(models))}")
+        distill = (models[student["name"]] or {}).get("distill") or {}
+        teacher = distill.get("teacher")
+        if extra and distill.get("teacher_seed", -1) < 0:
+            raise PipelineError(f"{params_path}: train.student_seeds {extra} not in train.seeds "
+                                f"{train.seeds}: student '{student['name']}' learns from its "
+                                f"teacher's run of the same seed (or set its "
+                                f"distill.teacher_seed)")
+        if teacher != student["teacher"]:
+            raise PipelineError(f"{params_path}: train.students[{i}]: teacher '{student['teacher']}' "
+                                f"differs from models.{student['name']}.distill.teacher ({teacher!r})")
+    return train
+
+
+def parse_fold(fold: str | int) -> int | str:
+    """``"all"`` or a non-negative fold number."""
+    if isinstance(fold, str) and fold == ALL_FOLDS:
+        return ALL_FOLDS
+    try:
+        value = int(fold)
+    except (TypeError, ValueError):
+        raise PipelineError(f"--fold must be a fold number or '{ALL_FOLDS}', got {fold!r}") from None
+    if value < 0:
+        raise PipelineError(f"--fold must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of a run directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def last(self) -> Path:
+        return self.train_dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.train_dir / "best.pt"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.train_dir / "snapshots"
+
+    def snapshot(self, iteration: int) -> Path:
+        return self.snapshots / f"swa_{iteration:07d}.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.csv"
+
+    @property
+    def val_log(self) -> Path:
+        return self.root / "val.csv"
+
+    @property
+    def class_iou(self) -> Path:
+        return self.train_dir / "class_iou.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def swa_metrics(self) -> Path:
+        return self.root / SWA_METRICS_FILE
+
+    @property
+    def infer_metrics(self) -> Path:
+        return self.root / INFER_METRICS_FILE
+
+    @property
+    def swa(self) -> Path:
+        return self.root / "swa.pt"
+
+    def final_weights(self) -> Path:
+        """The weights later stages use: SWA when averaged, else the best checkpoint."""
+        for path in (self.swa, self.best, self.last):
+            if path.is_file():
+                return path
+        raise PipelineError(f"{self.root}: no finished training run (no swa.pt, train/best.pt "
+                            f"or train/last.pt); run `python pipeline/train.py` first")

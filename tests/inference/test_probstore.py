@@ -1,0 +1,442 @@
+"""Probability maps: quantization bounds, argmax fidelity, stride, metadata, errors, atomic
+writes, and the oof_preds member layout."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+
+from pipeline.inference import probstore
+from pipeline.core.errors import PipelineError
+from pipeline.inference.probstore import (Member, check_coverage, list_members, map_path,
+                                          read_labels, read_meta, read_probs, run_map_dir,
+                                          write_probs, write_run_meta)
+from pipeline.core.names import member_name
+
+U8_BOUND = 1 / 510 + 1e-6  # round-to-nearest of 255 p, plus float32 slack
+
+
+def softmax_map(rng, classes, height, width, scale=4.0):
+    logits = rng.normal(size=(classes, height, width)) * scale
+    e = np.exp(logits - logits.max(axis=0))
+    return (e / e.sum(axis=0)).astype(np.float32)
+
+
+def plain_argmax_fails(probs):
+    """True where argmax of plain-rounded uint8 codes differs from the argmax of ``probs``."""
+    codes = np.floor(probs * 255 + 0.5)
+    return np.argmax(codes, axis=0) != np.argmax(probs, axis=0)
+
+
+# ----------------------------------------------------------------------------- one map
+@pytest.mark.parametrize("classes", [2, 40, 300])
+def test_uint8_round_trip_within_bound_and_argmax_kept(tmp_path, classes):
+    rng = np.random.default_rng(classes)
+    probs = softmax_map(rng, classes, 23, 31, scale=1.5 if classes > 100 else 4.0)
+    path = tmp_path / "a.npz"
+    write_probs(path, probs)
+    back = read_probs(path)
+    assert back.dtype == np.float32 and back.shape == probs.shape
+    assert np.abs(back - probs).max() <= U8_BOUND
+    assert np.array_equal(back.argmax(axis=0), probs.argmax(axis=0))
+    labels = read_labels(path)
+    assert labels.dtype == (np.uint8 if classes <= 255 else np.uint16)
+    assert np.array_equal(labels, probs.argmax(axis=0))
+
+
+def test_uint8_bucket_edges(tmp_path):
+    # values straddling every rounding boundary (k + 0.5) / 255, and the ends of [0, 1]
+    k = np.arange(255, dtype=np.float64)
+    edges = np.concatenate([(k + 0.5) / 255 - 1e-7, (k + 0.5) / 255, (k + 0.5) / 255 + 1e-7,
+                            k / 255, [0.0, 1.0]])
+    p0 = np.clip(edges, 0, 1).astype(np.float32).reshape(1, 1, -1)
+    probs = np.concatenate([p0, 1 - p0])
+    write_probs(tmp_path / "e.npz", probs)
+    back = read_probs(tmp_path / "e.npz")
+    assert np.abs(back - probs).max() <= U8_BOUND
+    assert back[:, 0, -2:].tolist() == [[0.0, 1.0], [1.0, 0.0]]  # the ends are exact
+
+
+def test_argmax_kept_where_plain_rounding_collides(tmp_path):
+    rng = np.random.default_rng(1)
+    classes, h, w = 6, 20, 30
+    # the winner sits at a higher index than a runner-up that is 1/510..1/255 below it, both in
+    # the same rounding bucket, so plain rounding ties them and argmax picks the runner-up
+    probs = np.zeros((classes, h, w), np.float32)
+    code = rng.integers(60, 120, size=(h, w))
+    offset = rng.uniform(0.26, 0.49, size=(h, w))
+    low = rng.integers(0, classes - 1, size=(h, w))
+    high = low + 1 + rng.integers(0, classes - 1 - low)
+    rows, cols = np.indices((h, w))
+    probs[low, rows, cols] = (code - offset) / 255
+    probs[high, rows, cols] = (code + offset) / 255
+    rest = (1 - probs.sum(axis=0)) / (classes - 2)
+    probs += np.where(probs == 0, rest, 0).astype(np.float32)
+    probs[:, 0, 0] = 1 / classes  # and an exact tie: argmax is the lowest index, as np.argmax
+    assert (np.sort(probs, axis=0)[-1] - np.sort(probs, axis=0)[-2])[1:].min() > 1 / 510
+    assert plain_argmax_fails(probs).mean() > 0.9  # the test is adversarial
+    for quant in ("uint8", "float16"):
+        path = tmp_path / f"{quant}.npz"
+        write_probs(path, probs, quant=quant)
+        back = read_probs(path)
+        assert np.array_equal(back.argmax(axis=0), probs.argmax(axis=0)), quant
+        assert np.array_equal(read_labels(path), probs.argmax(axis=0)), quant
+        bound = U8_BOUND if quant == "uint8" else 2 ** -12 + 1e-7
+        assert np.abs(back - probs).max() <= bound, quant
+
+
+def test_float16_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    probs = softmax_map(rng, 8, 30, 40, scale=8.0)  # confident: many float16 subnormals
+    assert (probs < 2 ** -14).mean() > 0.3
+    write_probs(tmp_path / "h.npz", probs, quant="float16")
+    back = read_probs(tmp_path / "h.npz")
+    ref = probs.astype(np.float16).astype(np.float32)
+    # numpy's float16 rounding bit for bit, except a one-ulp argmax nudge at ties
+    assert np.all(np.abs(back - ref) <= np.spacing(ref))
+    assert np.abs(back - probs).max() <= 2 ** -12 + 1e-7
+    assert np.array_equal(back.argmax(axis=0), probs.argmax(axis=0))
+    assert read_meta(tmp_path / "h.npz")["quant"] == "float16"
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_stride_store_and_full_size_read(tmp_path, stride):
+    rng = np.random.default_rng(stride)
+    probs = softmax_map(rng, 5, 25, 37)
+    path = tmp_path / "s.npz"
+    write_probs(path, probs, stride=stride)
+    small = read_probs(path)
+    assert small.shape == (5, -(-25 // stride), -(-37 // stride))
+    assert np.abs(small - probs[:, ::stride, ::stride]).max() <= U8_BOUND
+    full = read_probs(path, full_size=True)
+    assert full.shape == probs.shape
+    assert np.array_equal(full[:, ::stride, ::stride], small)  # exact on the strided grid
+    assert np.allclose(full.sum(axis=0), 1, atol=5 * 1 / 510)  # still probabilities
+    lo, hi = small.min(axis=(1, 2)), small.max(axis=(1, 2))  # convex mixes stay in range
+    assert np.all(full.min(axis=(1, 2)) >= lo - 1e-6) and np.all(full.max(axis=(1, 2)) <= hi + 1e-6)
+    meta = read_meta(path)
+    assert (meta["height"], meta["width"], meta["stride"]) == (25, 37, stride)
+
+
+def test_metadata_round_trip(tmp_path):
+    probs = softmax_map(np.random.default_rng(3), 4, 6, 7)
+    meta = {"member": "unet_s0", "frame": "vid_0001", "checkpoint": "runs/x/swa.pt",
+            "tta": {"hflip": True, "scales": [0.75, 1.0]}}
+    write_probs(tmp_path / "m.npz", probs, meta=meta, compress=0)
+    header = read_meta(tmp_path / "m.npz")
+    assert header == {"format": probstore.FORMAT, "space": "prob", "classes": 4, "height": 6,
+                      "width": 7, "stride": 1, "quant": "uint8", "meta": meta}
+    with pytest.raises(PipelineError, match="JSON"):
+        write_probs(tmp_path / "bad.npz", probs, meta={"x": object()})
+    assert not (tmp_path / "bad.npz").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda p: np.log(p), "logits"),
+    (lambda p: p * 3, "logits"),
+    (lambda p: p[0], r"\[C, H, W\]"),
+    (lambda p: (p * 255).astype(np.uint8), "floating"),
+    (lambda p: np.where(p > 0.5, np.nan, p), "nan"),
+])
+def test_bad_input_rejected(tmp_path, bad, match):
+    probs = softmax_map(np.random.default_rng(4), 3, 5, 5)
+    path = tmp_path / "x.npz"
+    with pytest.raises(PipelineError, match=match) as err:
+        write_probs(path, bad(probs))
+    assert str(path) in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_options_rejected(tmp_path):
+    probs = softmax_map(np.random.default_rng(5), 3, 5, 5)
+    for kwargs in ({"quant": "int4"}, {"stride": 0}, {"compress": 11}):
+        with pytest.raises(PipelineError):
+            write_probs(tmp_path / "x.npz", probs, **kwargs)
+
+
+@pytest.mark.parametrize("compress", [0, 1])
+def test_corrupt_truncated_missing_files_named(tmp_path, compress):
+    probs = softmax_map(np.random.default_rng(6), 5, 40, 40)
+    good = tmp_path / "good.npz"
+    write_probs(good, probs, compress=compress)
+    data = good.read_bytes()
+    truncated, flipped = tmp_path / "trunc.npz", tmp_path / "flip.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    middle = len(corrupt) // 2
+    corrupt[middle:middle + 16] = bytes(b ^ 0xFF for b in corrupt[middle:middle + 16])
+    flipped.write_bytes(bytes(corrupt))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip at all")
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, probs=probs)
+    for path in (truncated, flipped, garbage, foreign, tmp_path / "missing.npz"):
+        with pytest.raises(PipelineError) as err:
+            read_probs(path)
+        assert str(path) in str(err.value)
+    for path in (truncated, garbage, foreign):
+        with pytest.raises(PipelineError, match=str(path.name)):
+            read_meta(path)
+
+
+def test_header_shape_mismatch_detected(tmp_path):
+    path = tmp_path / "odd.npz"
+    write_probs(path, softmax_map(np.random.default_rng(7), 3, 4, 4))
+    header = read_meta(path)
+    header["classes"] = 4  # a header that no longer matches its arrays
+    with zipfile.ZipFile(path) as zf:
+        arrays = {name: zf.read(name) for name in zf.namelist() if name != "header.npy"}
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("header.npy", "w") as f:
+            np.lib.format.write_array(f, np.frombuffer(json.dumps(header).encode(), np.uint8))
+        for name, raw in arrays.items():
+            zf.writestr(name, raw)
+    assert read_meta(path)["classes"] == 4
+    with pytest.raises(PipelineError, match="disagree with the header"):
+        read_probs(path)
+
+
+def test_read_meta_leaves_arrays_alone(tmp_path):
+    path = tmp_path / "m.npz"
+    write_probs(path, softmax_map(np.random.default_rng(9), 3, 4, 4), meta={"frame": "f"})
+    with zipfile.ZipFile(path) as zf:
+        raw = {name: zf.read(name) for name in zf.namelist()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in raw.items():
+            zf.writestr(name, b"garbage" if name == "probs.npy" else data)
+    assert read_meta(path)["meta"] == {"frame": "f"}
+    with pytest.raises(PipelineError, match="corrupt"):
+        read_probs(path)
+
+
+def test_default_compression_per_quant(tmp_path):
+    probs = softmax_map(np.random.default_rng(10), 3, 16, 16)
+    for quant, method in (("uint8", zipfile.ZIP_DEFLATED), ("float16", zipfile.ZIP_STORED)):
+        write_probs(tmp_path / f"{quant}.npz", probs, quant=quant)
+        with zipfile.ZipFile(tmp_path / f"{quant}.npz") as zf:
+            assert zf.getinfo("probs.npy").compress_type == method, quant
+    write_probs(tmp_path / "stored.npz", probs, compress=0)
+    assert (tmp_path / "uint8.npz").stat().st_size < (tmp_path / "stored.npz").stat().st_size
+
+
+def test_atomic_writes(tmp_path, monkeypatch):
+    probs = softmax_map(np.random.default_rng(8), 3, 8, 8)
+    path = tmp_path / "maps" / "a.npz"
+    write_probs(path, probs)
+    assert [p.name for p in path.parent.iterdir()] == ["a.npz"]
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np.lib.format, "write_array", boom)
+    with pytest.raises(OSError):
+        write_probs(path, probs * 0.5)  # overwrite fails: the old file stays
+    with pytest.raises(OSError):
+        write_probs(path.parent / "b.npz", probs)  # a new file fails: nothing appears
+    assert [p.name for p in path.parent.iterdir()] == ["a.npz"]
+    assert path.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- member layout
+def make_run(root, member, fold, *, oof=(), test=(), classes=3, value=None, counts=True,
+             stride=1):
+    """Write a run's maps (``value``: a fixed class-0 probability, else random) and meta.json."""
+    run = run_map_dir(root, member, fold)
+    rng = np.random.default_rng(zlib.crc32(f"{member}/{fold}".encode()))
+    for kind, ids in (("oof", oof), ("test", test)):
+        for frame_id in ids:
+            if value is None:
+                probs = softmax_map(rng, classes, 4, 5)
+            else:
+                probs = np.full((classes, 4, 5), (1 - value) / (classes - 1), np.float32)
+                probs[0] = value
+            write_probs(map_path(run / kind, frame_id), probs, stride=stride,
+                        meta={"member": member, "frame": frame_id})
+    meta = {"member": member, "fold": fold, "seed": 0, "classes": classes, "quant": "uint8",
+            "stride": stride, "checkpoint": "x.pt", "tta": {}}
+    if counts:
+        meta["counts"] = {"oof": len(oof), "test": len(test)}
+    write_run_meta(run, meta)
+    return run
+
+
+def test_names_and_paths(tmp_path):
+    assert member_name("unet_r18", 2) == "unet_r18_s2"
+    assert run_map_dir(tmp_path, "m_s0", 3) == tmp_path / "m_s0" / "f3"
+    assert run_map_dir(tmp_path, "m_s0", "all") == tmp_path / "m_s0" / "fall"
+    assert map_path(tmp_path, "vid_0001") == tmp_path / "vid_0001.npz"
+    for bad in ("../x", "a/b", ".hidden", ""):
+        with pytest.raises(PipelineError):
+            map_path(tmp_path, bad)
+    with pytest.raises(PipelineError):
+        run_map_dir(tmp_path, "m_s0", -1)
+    with pytest.raises(PipelineError, match="missing keys"):
+        write_run_meta(tmp_path, {"member": "m_s0"})
+
+
+def test_member_oof_union_and_test_mean(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "m_s0", 0, oof=["b", "a"], test=["t1", "t2"], value=0.2)
+    make_run(root, "m_s0", 1, oof=["c"], test=["t1"], value=0.6)
+    make_run(root, "m_s0", "all", test=["t1", "t2"], value=1.0)
+    # noise DVC or a crash leaves behind: none of it is a run or a map
+    (root / "m_s0" / ".gitignore").write_text("/f0\n")
+    (root / "m_s0" / "f2").mkdir()  # an unfinished run: no meta.json
+    (root / "m_s0" / "notes.txt").write_text("x")
+    (root / "m_s0" / "f0" / "oof" / ".a.npz.123.tmp").write_bytes(b"partial")
+    member = Member(root / "m_s0")
+    assert member.name == "m_s0" and member.folds == [0, 1, "all"]
+    assert (member.classes, member.quant, member.stride) == (3, "uint8", 1)
+    assert member.meta[1]["fold"] == 1
+    assert member.oof_ids() == ["a", "b", "c"]
+    assert member.oof_fold("c") == 1
+    assert np.allclose(member.read_oof("c")[0], 0.6, atol=U8_BOUND)
+    assert member.test_ids() == ["t1", "t2"]
+    # hand-computed: class 0 is 0.2, 0.6 and 1.0 in the three runs
+    assert np.allclose(member.read_test("t1")[0], (0.2 + 0.6 + 1.0) / 3, atol=U8_BOUND)
+    assert np.allclose(member.read_test("t2")[0], (0.2 + 1.0) / 2, atol=U8_BOUND)
+    assert np.allclose(member.read_test("t1", folds=[0, 1])[0], 0.4, atol=U8_BOUND)
+    assert np.allclose(member.read_test("t1", folds=[0, 1])[1], 0.3, atol=U8_BOUND)
+    with pytest.raises(PipelineError, match="t2"):
+        member.read_test("t2", folds=[1])
+    with pytest.raises(PipelineError, match="zz"):
+        member.read_oof("zz")
+
+
+def test_member_test_mean_full_size(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "m_s0", 0, test=["t"], value=0.2, stride=2)
+    make_run(root, "m_s0", 1, test=["t"], value=0.6, stride=2)
+    member = Member(root / "m_s0")
+    assert member.read_test("t").shape == (3, 2, 3)
+    full = member.read_test("t", full_size=True)
+    assert full.shape == (3, 4, 5) and np.allclose(full[0], 0.4, atol=U8_BOUND)
+
+
+def test_member_duplicate_oof_frame(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "m_s0", 0, oof=["a", "b"])
+    make_run(root, "m_s0", 1, oof=["b"])
+    with pytest.raises(PipelineError, match="frame b .*f0 and f1"):
+        Member(root / "m_s0").oof_ids()
+
+
+def test_member_folds_must_agree(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "m_s0", 0, oof=["a"], classes=3)
+    make_run(root, "m_s0", 1, oof=["b"], classes=4)
+    with pytest.raises(PipelineError, match="classes: f0=3, f1=4"):
+        Member(root / "m_s0")
+
+
+def test_member_counts_checked(tmp_path):
+    root = tmp_path / "oof_preds"
+    run = make_run(root, "m_s0", 0, oof=["a", "b"])
+    map_path(run / "oof", "b").unlink()
+    with pytest.raises(PipelineError, match="holds 1 maps but meta.json counts 2"):
+        Member(root / "m_s0").oof_ids()
+
+
+def test_member_fold_folder_mismatch(tmp_path):
+    run = make_run(tmp_path, "m_s0", 0, oof=["a"])
+    run.rename(tmp_path / "m_s0" / "f1")
+    with pytest.raises(PipelineError, match="does not match its folder f1"):
+        Member(tmp_path / "m_s0")
+
+
+def test_list_members_skips_non_members(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "b_s0", 0, oof=["a"])
+    make_run(root, "a_s1", 0, oof=["a"])
+    (root / ".gitignore").write_text("/a_s1\n/b_s0\n")
+    (root / "README.txt").write_text("x")
+    (root / "empty_s0" / "f0").mkdir(parents=True)  # no meta.json: not (yet) a member
+    assert [m.name for m in list_members(root)] == ["a_s1", "b_s0"]
+    with pytest.raises(PipelineError, match="not found"):
+        list_members(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no members"):
+        list_members(tmp_path / "empty")
+
+
+def test_check_coverage(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "m_s0", 0, oof=["a", "b"])
+    make_run(root, "m_s0", 1, oof=["c"])
+    member = Member(root / "m_s0")
+    assert check_coverage(member, ["c", "b", "a"]) == 3
+    with pytest.raises(PipelineError, match=r"1 missing \(first d\)"):
+        check_coverage(member, ["a", "b", "c", "d"])
+    with pytest.raises(PipelineError, match=r"1 unexpected \(first c\)"):
+        check_coverage(member, ["a", "b"])
+    make_run(root, "m_s1", 0, oof=["a", "b"])
+    make_run(root, "m_s1", 1, oof=["b", "c"])
+    with pytest.raises(PipelineError, match="frame b"):
+        check_coverage(Member(root / "m_s1"), ["a", "b", "c"])
+
+
+def _rewrite_probs(path, probs) -> None:
+    """Replace the probs array of a map file, its header and tie lists kept (a foreign writer)."""
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["probs"] = probs
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -0.25, 1.5])
+def test_float16_maps_are_checked_on_read(tmp_path, bad):
+    path = tmp_path / "x.npz"
+    probs = softmax_map(np.random.default_rng(9), 3, 4, 5)
+    write_probs(path, probs, quant="float16")
+    codes = read_probs(path).astype(np.float16)
+    codes[1, 2, 3] = bad
+    _rewrite_probs(path, codes)
+    for read in (read_probs, read_labels):
+        with pytest.raises(PipelineError, match="nan, inf or values outside") as err:
+            read(path)
+        assert str(path) in str(err.value)
+    codes[1, 2, 3] = 1.0  # the bounds themselves are probabilities
+    codes[0, 0, 0] = 0.0
+    _rewrite_probs(path, codes)
+    assert read_probs(path)[1, 2, 3] == 1.0
+
+
+def test_member_maps_must_be_stored_as_their_run_says(tmp_path):
+    root = tmp_path / "oof_preds"
+    run = make_run(root, "m_s0", 0, oof=["a"], test=["t"])
+    member = Member(root / "m_s0")
+    assert member.expect == {"classes": 3, "quant": "uint8", "stride": 1}
+    write_probs(map_path(run / "test", "t"), softmax_map(np.random.default_rng(3), 3, 4, 5),
+                quant="float16")  # another dtype than meta.json's uint8
+    with pytest.raises(PipelineError, match=r"t\.npz: stored with quant float16 \(its run's "
+                                            r"meta.json: uint8\)"):
+        member.read_test("t")
+    write_probs(map_path(run / "oof", "a"), softmax_map(np.random.default_rng(3), 3, 4, 5),
+                stride=2)
+    with pytest.raises(PipelineError, match=r"a\.npz: stored with stride 2"):
+        member.read_oof("a")
+    assert read_probs(map_path(run / "oof", "a")).shape == (3, 2, 3)  # alone, it is a fine map
+
+
+def test_member_names_and_a_chosen_list_of_members(tmp_path):
+    root = tmp_path / "oof_preds"
+    make_run(root, "b_s0", 0, oof=["a"])
+    make_run(root, "a_s1", 0, oof=["a"], test=["t"])
+    make_run(root, "a_s1", "all", test=["t", "u"])
+    (root / "broken_s0" / "f0").mkdir(parents=True)
+    (root / "broken_s0" / "f0" / "meta.json").write_text("not json")  # never read unless wanted
+    assert probstore.member_names(root) == ["a_s1", "b_s0", "broken_s0"]
+    assert [m.name for m in list_members(root, ["b_s0"])] == ["b_s0"]
+    with pytest.raises(PipelineError, match=r"c_s0: no maps of member 'c_s0'.*c_s0, d_s9"):
+        list_members(root, ["d_s9", "c_s0", "b_s0"])
+    with pytest.raises(PipelineError, match="unreadable run meta"):
+        list_members(root)
+    member = Member(root / "a_s1")
+    assert member.test_ids(0) == ["t"] and member.test_ids("all") == ["t", "u"]
+    assert member.test_ids(3) == [] and member.test_ids() == ["t", "u"]
