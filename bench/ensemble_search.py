@@ -13,7 +13,7 @@ members agree on ~87 % of the pixels; ``--shared 0 --own 1`` makes them disagree
 pixels (the slow case of the grid pass). 4 members are of the "primary" family, the rest
 auxiliary; uint8 probstore maps over 2 folds. Side by side in one run:
 
-  (a) plain read pass: every OOF map read once (probstore.read_probs), nothing else, one process;
+  (a) plain read pass: every OOF map read once (mapfile.read_probs), nothing else, one process;
   (b) the full search of ``pipeline/ensemble.py --search`` (auto groups ranked by the confusion
       matrices that inference stores in meta.json; the grid pass over 21 x 21 points, which
       also scores the best member and the uniform mean and leaves compact label records;
@@ -56,12 +56,15 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.ensembling import search as ensembling
-from pipeline.ensembling import fusion
-from pipeline.data.manifest import (ClassInfo, Frame, default_palette, read_classes, read_manifest,
-                                    read_mask, write_classes, write_manifest)
+from pipeline.data.manifest import (ClassInfo, Frame, default_palette, read_classes, read_manifest, read_mask,
+                                    write_classes, write_manifest)
+from pipeline.ensembling import fusion, outputs, passes, records, study
+from pipeline.ensembling.gridscore import GridCounts
+from pipeline.ensembling.params import model_families
+from pipeline.ensembling.search import search_ensemble
 from pipeline.evaluation.metrics import ConfusionMatrix, confusion_matrix, mean_iou
-from pipeline.inference.probstore import list_members, run_map_dir, write_probs, write_run_meta
+from pipeline.inference.mapfile import write_probs
+from pipeline.inference.members import list_members, run_map_dir, write_run_meta
 
 
 def smooth_field(rng: np.random.Generator, classes: int, height: int, width: int) -> np.ndarray:
@@ -85,6 +88,7 @@ def write_synthetic(root: Path, *, members: int, frames: int, videos: int, class
     (data / "masks").mkdir(parents=True)
     names = [f"mf{i}_s0" for i in range(min(4, members))] + \
         [f"swin{i}_s0" for i in range(members - min(4, members))]
+    class_names = [f"c{i}" for i in range(classes)]
     rows = []
     cms = {(name, fold): np.zeros((classes, classes), np.int64) for name in names for fold in (0, 1)}
     for n in range(frames):
@@ -107,10 +111,10 @@ def write_synthetic(root: Path, *, members: int, frames: int, videos: int, class
         for fold in (0, 1):  # like inference, store each run's OOF confusion matrix
             write_run_meta(run_map_dir(oof, name, fold),
                            {"member": name, "fold": fold, "seed": 0, "classes": classes,
-                            "quant": "uint8", "stride": 1,
+                            "quant": "uint8", "stride": 1, "class_names": class_names,
                             "oof_cm_tta": cms[name, fold].tolist() if meta_cm else None})
     write_manifest(data / "manifest.csv", rows)
-    write_classes(data / "classes.json", ClassInfo(names=[f"c{i}" for i in range(classes)],
+    write_classes(data / "classes.json", ClassInfo(names=class_names,
                                                    palette=default_palette(classes)))
     models = {n[:-3]: {"family": "primary" if n.startswith("mf") else "swin"} for n in names}
     (root / "params.yaml").write_text(yaml.safe_dump({"models": models}))
@@ -142,8 +146,8 @@ def naive_trial(oof: Path, frames: list[Frame], groups: dict, lut: np.ndarray, c
     return mean_iou(cm.matrix)
 
 
-PHASES = {"Optuna study": (ensembling, "run_study"), "heatmap": (ensembling, "plot_heatmap"),
-          "fused rows from records": (fusion, "_rows_chunk"), "pass": (fusion, "score_pass")}
+PHASES = {"Optuna study": (study, "run_study"), "heatmap": (outputs, "plot_heatmap"),
+          "fused rows from records": (records, "_rows_chunk"), "pass": (passes, "score_pass")}
 
 
 def search(ws: dict[str, Path], out: Path, workers: int) -> tuple[float, dict, dict[str, float]]:
@@ -170,9 +174,9 @@ def search(ws: dict[str, Path], out: Path, workers: int) -> tuple[float, dict, d
             setattr(module, attr, timed(name))
     try:
         start = time.perf_counter()
-        result = ensembling.search_ensemble(
+        result = search_ensemble(
             oof_root=ws["oof"], data_dir=ws["data"], out_dir=out, n_strong=2, workers=workers,
-            families=ensembling.model_families(ws["params"]), chunk_frames=16, progress=False)
+            families=model_families(ws["params"]), chunk_frames=16, progress=False)
         total = time.perf_counter() - start
     finally:
         for name, (module, attr) in PHASES.items():
@@ -215,8 +219,8 @@ def main(argv=None) -> dict:
         weights, metrics = result["weights"], result["metrics"]
         grid = len(weights["grid"]["alpha"]) * len(weights["grid"]["beta"])
         with np.load(work / "out_1" / "grid_scores.npz") as data:  # the pass's counts
-            miou = fusion.GridCounts(data["alphas"], data["betas"], data["tp"], data["pred"],
-                                     data["gt"]).miou()
+            miou = GridCounts(data["alphas"], data["betas"], data["tp"], data["pred"],
+                              data["gt"]).miou()
         scores = {(a, b): float(miou[i, j]) for i, a in enumerate(weights["grid"]["alpha"])
                   for j, b in enumerate(weights["grid"]["beta"])}
 

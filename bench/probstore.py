@@ -1,4 +1,4 @@
-"""Probability-map storage: size, speed and fidelity of pipeline.inference.probstore against float32 files.
+"""Probability-map storage: size, speed and fidelity of pipeline.inference.mapfile against float32 files.
 
     python bench/probstore.py [--frames 500] [--classes 10] [--height 96] [--width 128]
                               [--stride 1] [--big] [--dir DIR] [--members 5] [--repeat 3]
@@ -11,7 +11,7 @@ Contenders, side by side in one process on the same frames (one file per frame):
 
   * f32 npz-zip : np.savez_compressed of float32 (nnU-Net's softmax export);
   * f32 npy     : np.save of float32, uncompressed;
-  * uint8 / float16 via probstore.write_probs, zip level 0 (stored), 1 and 6.
+  * uint8 / float16 via mapfile.write_probs, zip level 0 (stored), 1 and 6.
 
 Per contender: bytes per class-pixel, write and read MB/s in MB of float32-equivalent data
 (C*H*W*4 bytes per frame; files go to --dir, so reads usually come from the page cache),
@@ -38,7 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
-from pipeline.inference.probstore import read_probs, write_probs
+from pipeline.inference.mapfile import read_probs, write_probs
 
 
 def smooth_softmax(rng: np.random.Generator, *, classes: int, height: int, width: int,
@@ -181,14 +181,14 @@ def demo_ensemble_check(run_dirs: Sequence[str], *, data: Path, folds: Path,
     Returns (mIoU float32, mIoU uint8, members, frames)."""
     import torch
 
-    from pipeline.models.checkpoint import model_from_checkpoint
-    from pipeline.data.dataset import SegmentationDataset
-    from pipeline.data.manifest import read_classes, read_manifest, read_mask
-    from pipeline.data.transforms import eval_transform
     from pipeline.core.names import member_name
     from pipeline.core.runs import RunPaths
+    from pipeline.data.dataset import SegmentationDataset
+    from pipeline.data.manifest import read_classes, read_manifest, read_mask
     from pipeline.data.splits import train_val_ids
+    from pipeline.data.transforms import eval_transform
     from pipeline.inference.tta import TTAConfig, predict_probs
+    from pipeline.models.checkpoint import model_from_checkpoint
 
     classes = read_classes(data / "classes.json")
     frames = {f.id: f for f in read_manifest(data / "manifest.csv", split="train")}

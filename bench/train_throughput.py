@@ -28,11 +28,11 @@ import torch
 from pipeline.data.dataset import SegmentationDataset, build_loader
 from pipeline.data.manifest import read_classes, read_manifest
 from pipeline.data.transforms import transform_from_params
-from pipeline.training.losses import build_loss
 from pipeline.models.build import build_model
-from pipeline.models.wrappers import to_channels_last
-from pipeline.training.optim import build_optimizer
 from pipeline.models.predict import autocast
+from pipeline.models.wrappers import to_channels_last
+from pipeline.training.losses import build_loss
+from pipeline.training.optim import build_optimizer
 
 GPU_DEFAULTS = {"size": 256, "batch": 8, "iters": 20, "warmup": 3}
 CPU_DEFAULTS = {"size": 128, "batch": 2, "iters": 5, "warmup": 1}

@@ -28,10 +28,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from pipeline.inference.tta import (DEFAULT_SCALES, TTAConfig, hflip, predict_probs, predict_probs_batch,
+                                    rescale, restore)
 from pipeline.models.build import build_model
 from pipeline.models.predict import autocast, forward_padded
-from pipeline.inference.tta import (DEFAULT_SCALES, TTAConfig, hflip, predict_probs, predict_probs_batch,
-                          rescale, restore)
 
 TARGET_SPEEDUP = 1.5
 CONTENDERS = ("loop", "keep_all", "batched", "batched_n")

@@ -4,27 +4,7 @@
                                 [--classes FILE] [--split test] [--out PRED.eval.json]
                                 [--format F] [--vspw-offset 0|1]
 
-PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
-A submission zip written by ``pipeline/submit.py`` is decoded back to train ids per its format
-(:mod:`pipeline.submission.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
-comes from the ``<name>.json`` beside the zip (checked to be that zip's), or ``--format``
-(which wins when both exist). The zip must hold each entry once, and no entry that is not a
-frame of the split: a stray entry means the zip was made for other frames (another split or
-manifest), and scoring the overlap would report a number about a set nobody chose.
-
-mIoU is the standard one (:data:`pipeline.evaluation.metrics.MIOU_DEFINITION`, stated once in the table
-and the JSON): the mean over every class with TP + FP + FN > 0, so a class predicted but absent
-from the ground truth scores 0, as in MMSegmentation, the Cityscapes script and VSPW.
-The value 255 means "no prediction": it is not an error, and as in the Cityscapes script such
-a pixel on a labelled pixel is a miss (FN) of its true class and a false positive of none (the
-confusion matrix carries a "no prediction" column). Video consistency compares the raw
-predictions, 255 included, as VSPW's script does.
-
-The summary is printed as a table and written atomically as JSON beside the folder
-(``<PRED_DIR>.eval.json``, ``<name>.zip.eval.json``); an output path that is one of the
-inputs (predictions, manifest, classes, the zip's JSON, params) is refused, and a full disk or
-a read-only folder is one ``error:`` line. A source of predictions only needs a
-``load_pred(frame) -> HxW uint8`` callable for :func:`evaluate_predictions`.
+What it writes and guarantees: :mod:`pipeline.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -38,10 +18,10 @@ from pipeline.core import atomic
 from pipeline.core.errors import PipelineError, run_cli
 from pipeline.core.params import load_section
 from pipeline.data.manifest import read_manifest
-from pipeline.evaluation import metrics
+from pipeline.evaluation.scorecard import format_table
 from pipeline.evaluation.scoring import (default_out, evaluate_folder, evaluate_zip, input_paths, is_zip,
                                          resolve_classes_path)
-from pipeline.submission.formats import sidecar_path
+from pipeline.submission.sidecar import sidecar_path
 
 
 @dataclass
@@ -87,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise PipelineError(f"{args.pred}: --format and --vspw-offset apply to a submission zip only")
         summary = evaluate_folder(args.pred, manifest=args.manifest, classes_path=args.classes,
                                   split=params.split, out=out)
-    print(metrics.format_table(summary))
+    print(format_table(summary))
     print(f"wrote {out}")
     return summary
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.core.params import DEFAULT_PARAMS, load_section
 from pipeline.core.errors import run_cli
+from pipeline.core.params import DEFAULT_PARAMS, load_section
 from pipeline.data.splits import format_summary, make_folds
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.core.params import load_section
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import run_cli
-from pipeline.inference.runner import infer_run
 from pipeline.core.names import MAP_SPLITS
+from pipeline.core.params import load_section
+from pipeline.inference.runner import infer_run
 from pipeline.inference.tta import tta_from_params
 
 

@@ -2,28 +2,7 @@
 
     python pipeline/parallel.py [--jobs 2] [--gpus 0,1] [--dry-run]
 
-``dvc repro`` runs matrix members one after another. DVC releases its lock while a stage's
-command runs, so independent members can run as separate ``dvc --wait-for-lock repro``
-processes. This script does that in three phases, then hands over to a plain ``dvc repro``:
-
-1. ``dvc repro folds`` (prepare and folds, once);
-2. every model x fold x seed member, ``--jobs`` at a time: one
-   ``dvc --wait-for-lock repro -s train@<model>-<fold>-<seed> swa@... infer@...`` per member,
-   single stages in that order (``-s``: a lane must not touch the shared upstream stages that
-   another lane's running stage reads);
-3. every student (``students@``, ``swa_students@``, ``infer_students@``), likewise: their
-   teachers are done by then;
-4. ``dvc repro``: the ensemble, the submission and whatever is left.
-
-Each lane gets ``OMP_NUM_THREADS`` = cores / jobs on CPU, or one GPU via
-``CUDA_VISIBLE_DEVICES`` with ``--gpus``. A lane's output goes to ``logs/<target>.log``; a failed
-lane stops new launches and shows its log's tail. Interrupting is safe: training resumes from
-its last checkpoint and inference from the maps already written on the next run.
-
-Every ``dvc`` command runs in a process group of its own, so a lane never outlives this script:
-SIGTERM or SIGINT (Ctrl-C) is passed on to every running group, the script waits for them to
-end and exits 128 + the signal's number (a second signal kills the groups at once). DVC's lock
-is then free for the next run.
+What it writes and guarantees: :mod:`pipeline.launch.lanes`.
 """
 
 from __future__ import annotations

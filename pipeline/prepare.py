@@ -2,11 +2,7 @@
 
     python pipeline/prepare.py [--dataset NAME] [--root PATH] [--out DIR] [--params params.yaml]
 
-Writes ``<out>/manifest.csv``, ``<out>/classes.json`` and ``<out>/class_counts.npz`` (plus the
-demo's images) as one atomic folder: on any error the previous output, or nothing, remains.
-The folder is replaced whole, so it must be absent, empty or an earlier output (it holds
-``manifest.csv``); the current directory, its parents and the dataset root are refused.
-The library part is :func:`prepare_dataset`; ``main`` only reads params and prints a summary.
+What it writes and guarantees: :mod:`pipeline.data.preparation`.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.core.params import read_params
 from pipeline.core.errors import run_cli
+from pipeline.core.params import read_params
 from pipeline.reporting.summary import build_report, format_summary
 
 

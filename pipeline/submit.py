@@ -4,28 +4,7 @@
                               [--vspw-offset 0|1] [--out submissions] [--weights ensemble/weights.json]
                               [--previews N] [--params params.yaml]
 
-``--pred`` holds one single-channel PNG ``<id>.png`` of train ids per test frame of the manifest
-(void 255 is refused: a submission needs a class for every pixel). Writes, from the ``submit:``
-section of params.yaml:
-
-* ``<out>/<name>.zip``   entries in the format's layout (:mod:`pipeline.submission.formats`), reopened and
-  checked (one entry per test frame, nothing else, sizes, modes and values) before it replaces
-  any earlier zip; the same predictions give the same bytes, whatever the files' dates;
-* ``<out>/previews/<name>/<id>.png``  image | prediction overlay for a few frames spread over the
-  test videos;
-* ``<out>/<name>.json``  format, frame count, the zip's sha256, and the ensemble members, weights
-  and OOF score copied from ``--weights`` when that file exists.
-
-All three are written to hidden temporaries first (the zip checked, its sha256 taken from the
-temporary); only then is the old JSON deleted and the zip, the previews and the JSON moved into
-place, in that order. So a failure (a bad prediction, a full disk, a read-only folder: one
-``error:`` line) changes nothing, and a kill at any moment leaves either the old pair, or a zip
-without a JSON (read as "unknown", rebuilt by the next run), never a zip beside another zip's
-JSON; :func:`pipeline.submission.formats.read_sidecar` refuses such a pair made by hand. Temporaries of a
-killed run are removed by the next one (:func:`pipeline.core.atomic.remove_stale_tmp`). Outputs that
-would overwrite an input (the predictions, manifest, classes, weights or params) are refused.
-
-Score a zip against labelled test frames with ``python pipeline/evaluate.py <out>/<name>.zip``.
+What it writes and guarantees: :mod:`pipeline.submission.packing`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.training.averaging import average_run
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError, run_cli
+from pipeline.training.averaging import average_run
 
 
 def parse_iters(text: str) -> tuple[int | None, int | None]:

@@ -14,11 +14,12 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.training.loop import load_run_data, teacher_weights, train_run
 from pipeline.core.device import init_distributed, resolve_device
 from pipeline.core.errors import run_cli
-from pipeline.core.runs import RunPaths, load_model_params, load_train_params, parse_fold
 from pipeline.core.names import run_name
+from pipeline.core.runs import RunPaths, load_model_params, load_train_params, parse_fold
+from pipeline.training.loop import train_run
+from pipeline.training.run_data import load_run_data, teacher_weights
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

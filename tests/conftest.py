@@ -143,8 +143,8 @@ class DemoWorkspace:
               params: str | Path | None = None, runs: str | Path | None = None):
         """Train a run once per session (kept in ``runs``, default ``root/runs``) and return its
         :class:`pipeline.core.runs.RunPaths`; a finished run (metrics.json present) is reused."""
-        from pipeline.core.runs import RunPaths, parse_fold
         from pipeline.core.names import run_name
+        from pipeline.core.runs import RunPaths, parse_fold
         from pipeline.train import main as train_main
 
         paths = RunPaths(Path(runs or self.runs) / run_name(model, parse_fold(fold), seed))

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.core.errors import PipelineError, unknown_name
 from pipeline.core.names import ALL_FOLDS, INFER_METRICS_FILE, METRICS_FILE, SWA_METRICS_FILE
 from pipeline.core.params import build_section, read_params
-from pipeline.core.errors import PipelineError, unknown_name
-
 
 
 @dataclass

@@ -18,13 +18,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError, unknown_name
+from pipeline.core.names import MANIFEST_SPLITS
 from pipeline.core.params import build_section
 from pipeline.data.cityscapes import CityscapesOptions, cityscapes_dataset
-from pipeline.data.manifest import (IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette,
-                                    identity_lut)
-from pipeline.core.names import MANIFEST_SPLITS
+from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette, identity_lut
 from pipeline.data.vspw import VSPWOptions, vspw_dataset
-from pipeline.core.errors import PipelineError, unknown_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, identity_lut
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, identity_lut
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, read_image, read_raw_mask
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, read_image, read_raw_mask
 
 _SHUFFLE_STREAM = 0  # first words of the seed sequences, so shuffling and augmentation never share one
 _AUGMENT_STREAM = 1

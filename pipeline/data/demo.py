@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.manifest import IGNORE_INDEX, ClassInfo, Frame, identity_lut
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import IGNORE_INDEX, ClassInfo, Frame, identity_lut
 
 CLASSES = ("sky", "building", "vegetation", "road", "sidewalk", "car", "person", "pole", "sign", "animal")
 SKY, BUILDING, VEGETATION, ROAD, SIDEWALK, CAR, PERSON, POLE, SIGN, ANIMAL = range(len(CLASSES))

@@ -1,13 +1,10 @@
-"""Stage `prepare`: list a dataset with its adapter, check every frame, write the manifest.
+"""Prepare a dataset: list it with its adapter, check every frame, write the manifest.
 
-    python pipeline/prepare.py [--dataset NAME] [--root PATH] [--out DIR] [--params params.yaml]
-
-Writes ``<out>/manifest.csv``, ``<out>/classes.json`` and ``<out>/class_counts.npz`` (plus the
-demo's images) as one atomic folder: on any error the previous output, or nothing, remains.
-The folder is replaced whole, so it must be absent, empty or an earlier output (it holds
-``manifest.csv``); the current directory, its parents and the dataset root are refused.
-The library part is :func:`prepare_dataset`; ``main`` only reads params and prints a summary.
-"""
+Run as ``python pipeline/prepare.py``. Writes ``<out>/manifest.csv``, ``<out>/classes.json`` and
+``<out>/class_counts.npz`` (plus the demo's images) as one atomic folder: on any error the
+previous output, or nothing, remains. The folder is replaced whole, so it must be absent, empty
+or an earlier output (it holds ``manifest.csv``); the current directory, its parents and the
+dataset root are refused."""
 
 from __future__ import annotations
 
@@ -21,10 +18,10 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_dir
+from pipeline.core.errors import PipelineError
 from pipeline.data.adapters import build_dataset, get_adapter
 from pipeline.data.manifest import (IGNORE_INDEX, ClassInfo, Frame, frame_digest, map_mask, read_image,
                                     read_raw_mask, write_class_counts, write_classes, write_manifest)
-from pipeline.core.errors import PipelineError
 
 
 # ----------------------------------------------------------------------------- library

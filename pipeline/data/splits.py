@@ -27,10 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.core.names import ALL_FOLDS
 from pipeline.core import atomic
-from pipeline.data.manifest import read_class_counts, read_manifest
 from pipeline.core.errors import PipelineError
+from pipeline.core.names import ALL_FOLDS
+from pipeline.data.manifest import read_class_counts, read_manifest
 
 FOLDS_COLUMNS = ("id", "video", "fold")
 _SWAP_CANDIDATES = 4096  # best-by-balance swaps whose class cost is checked per step

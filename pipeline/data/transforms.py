@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 import albumentations as A
 import cv2
 
-from pipeline.data.manifest import IGNORE_INDEX
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

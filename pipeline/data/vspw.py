@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette
 
 VSPW_NUM_CLASSES = 124
 VSPW_VOID_VALUES = (0, 255)

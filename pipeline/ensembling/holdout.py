@@ -24,14 +24,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.core.names import BEST_SINGLE, UNIFORM_MEAN
 from pipeline.core import atomic
-from pipeline.ensembling import fusion
-from pipeline.data.manifest import Frame, read_classes, read_manifest, read_mask
-from pipeline.ensembling.search import MEMBERS, METRICS, WEIGHTS, member_test, run_of
 from pipeline.core.errors import PipelineError
+from pipeline.core.names import BEST_SINGLE, UNIFORM_MEAN
+from pipeline.data.manifest import Frame, read_classes, read_manifest, read_mask
+from pipeline.ensembling import fusion
+from pipeline.ensembling.outputs import MEMBERS, METRICS, WEIGHTS
+from pipeline.ensembling.passes import frame_chunks, run_chunks
+from pipeline.ensembling.testmaps import member_test, run_of
 from pipeline.evaluation.metrics import MIOU_DEFINITION, confusion_matrix, mean_iou
-from pipeline.inference.probstore import Member, list_members
+from pipeline.inference.members import Member, list_members
 
 TEST_SCORES = "test_scores.json"
 Row = fusion.MeanRow | fusion.FusedRow
@@ -111,8 +113,8 @@ def score_test(*, oof_root: Path, data_dir: Path, out_dir: Path, workers: int = 
                                groups=fused["groups"], lut=classes.lut_array(),
                                num_classes=classes.num_classes, ignore_index=classes.ignore_index)
         total: dict[str, np.ndarray] = {}
-        for cms in fusion.run_chunks(fn, fusion.frame_chunks(labelled, chunk_frames),
-                                     workers=workers, progress=progress, desc="score test"):
+        for cms in run_chunks(fn, frame_chunks(labelled, chunk_frames),
+                              workers=workers, progress=progress, desc="score test"):
             for key, cm in cms.items():
                 total[key] = total.get(key, 0) + cm
         result["members"] = {n: {"tta": mean_iou(total[f"member:{n}"])} for n in names}

@@ -1,4 +1,4 @@
-"""Segmentation metrics: a streaming confusion matrix, IoU / accuracy, and VSPW video consistency.
+"""Segmentation metrics from a confusion matrix: the streaming matrix itself, IoU and accuracy.
 
 Pure numpy; knows nothing of models or files. Conventions:
 
@@ -14,26 +14,20 @@ Pure numpy; knows nothing of models or files. Conventions:
   is predicted but absent from the ground truth scores 0 and counts; only a class neither in
   the ground truth nor predicted is left out. Mean class accuracy (recall) averages over the
   classes with ground-truth pixels, where it is defined.
-* Video consistency mVC_n follows the VSPW script: for a video of C > n frames and each window
-  start i in range(C - n) (the last possible window is skipped, as there), G = pixels whose
-  ground truth is constant over frames i..i+n-1, P = pixels whose prediction is, and the window
-  scores |G & P| / |G| (nan when |G| = 0). Ground truth is compared as given (void is a value
-  like any other). mVC_n is the nan-mean over the windows of all videos pooled.
+
+Video consistency (mVC) is :mod:`pipeline.evaluation.consistency`; the JSON summary and text
+table of a score, :mod:`pipeline.evaluation.scorecard`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
-
 import numpy as np
 
 IGNORE_INDEX = 255
-VC_WINDOWS = (8, 16)
 MIOU_DEFINITION = "mean over classes with TP+FP+FN > 0"
 _CHUNK = 1 << 20  # pixels per bincount call: keeps the uint16 index buffer in cache
 
 
-# ----------------------------------------------------------------------------- confusion matrix
 def _cm_uint8(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int,
               no_prediction: int | None) -> np.ndarray:
     # One bincount of (gt << 8 | pred) over a 256x256 table; no boolean-mask gathers. Void and
@@ -173,7 +167,7 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
 def mean_iou(cm: np.ndarray) -> float:
     """Mean IoU over the classes with TP + FP + FN > 0 (:data:`MIOU_DEFINITION`): a class that
     is predicted but absent from the ground truth counts with IoU 0. nan when no class has a
-    union (no labelled pixel). :func:`pipeline.ensembling.fusion.miou_from_counts` repeats these very
+    union (no labelled pixel). :func:`pipeline.ensembling.gridscore.miou_from_counts` repeats these very
     operations on per-class counts: keep the two in step."""
     tp, union = _union(cm)
     valid = union > 0
@@ -191,183 +185,3 @@ def pixel_accuracy(cm: np.ndarray) -> float:
     """Fraction of labelled pixels predicted correctly (nan when none is labelled)."""
     tp, _, gt = class_counts(cm)
     return float(_ratio(tp.sum(), gt.sum()))
-
-
-# ----------------------------------------------------------------------------- video consistency
-def _nanmean(values: Iterable[float]) -> float:
-    arr = np.asarray(list(values), dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else float("nan")
-
-
-def vc_window_scores(gt_frames: Sequence[np.ndarray], pred_frames: Sequence[np.ndarray],
-                     n: int) -> list[float]:
-    """Per-window consistency scores of one video (frames HxW, in order), as the VSPW script.
-
-    Returns C - n floats for C > n frames (nan where |G| = 0), [] otherwise. Holds the whole
-    video in memory: see :class:`VideoConsistency` for the streaming form.
-    """
-    if len(gt_frames) != len(pred_frames):
-        raise ValueError(f"{len(gt_frames)} ground-truth frames but {len(pred_frames)} predictions")
-    if n < 1:
-        raise ValueError(f"window length must be >= 1, got {n}")
-    if len(gt_frames) <= n:
-        return []
-    gt, pred = np.stack(gt_frames), np.stack(pred_frames)
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth shape {gt.shape} differs from prediction shape {pred.shape}")
-    scores = []
-    for i in range(len(gt) - n):
-        g = np.all(gt[i + 1:i + n] == gt[i], axis=0)
-        p = np.all(pred[i + 1:i + n] == pred[i], axis=0)
-        total = np.count_nonzero(g)
-        scores.append(np.count_nonzero(g & p) / total if total else float("nan"))
-    return scores
-
-
-def mvc(videos: Iterable[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]], *, n: int) -> float:
-    """mVC_n over ``(gt_frames, pred_frames)`` videos: nan-mean of all their windows pooled."""
-    return _nanmean(s for gt, pred in videos for s in vc_window_scores(gt, pred, n))
-
-
-class VideoConsistency:
-    """Streaming mVC for several window lengths at once, O(1) frames of memory.
-
-    Feed each video's frames in order with :meth:`add_frame`, then call :meth:`end_video`.
-    Per pixel it keeps how many consecutive frames, ending at the current one, the gt (and the
-    prediction) has stayed unchanged: a window of n frames ending here is constant iff that
-    run is >= n - 1. A window's score is held back until the next frame arrives, since the
-    last window of a video does not count.
-    """
-
-    def __init__(self, *, windows: Sequence[int] = VC_WINDOWS):
-        if not windows or min(windows) < 1:
-            raise ValueError(f"window lengths must be >= 1, got {list(windows)}")
-        self.windows = tuple(int(n) for n in windows)
-        self._cap = max(self.windows) - 1
-        self._dtype = np.uint8 if self._cap <= 255 else np.uint16
-        self.scores: dict[int, list[float]] = {n: [] for n in self.windows}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._frames = 0
-        self._prev: tuple[np.ndarray, np.ndarray] | None = None
-        self._runs: tuple[np.ndarray, np.ndarray] | None = None
-        self._pending: dict[int, float] = {}
-
-    @staticmethod
-    def _advance(run: np.ndarray, prev: np.ndarray, cur: np.ndarray, cap: int) -> None:
-        if cap:  # with only n = 1 every window is constant: runs stay 0
-            np.minimum(run, cap - 1, out=run)
-            run += 1
-            np.multiply(run, cur == prev, out=run)
-        np.copyto(prev, cur)
-
-    def add_frame(self, gt: np.ndarray, pred: np.ndarray) -> None:
-        """Consume the next frame of the current video: ``gt`` and ``pred`` HxW label maps."""
-        gt, pred = np.asarray(gt), np.asarray(pred)
-        if gt.shape != pred.shape:
-            raise ValueError(f"ground truth shape {gt.shape} differs from prediction shape {pred.shape}")
-        if self._prev is None:
-            self._prev = (gt.copy(), pred.copy())
-            self._runs = (np.zeros(gt.shape, self._dtype), np.zeros(gt.shape, self._dtype))
-        else:
-            if gt.shape != self._prev[0].shape:
-                raise ValueError(f"frame shape {gt.shape} differs from the video's {self._prev[0].shape}")
-            for n, score in self._pending.items():
-                self.scores[n].append(score)
-            self._pending = {}
-            for run, prev, cur in zip(self._runs, self._prev, (gt, pred)):
-                self._advance(run, prev, cur, self._cap)
-        self._frames += 1
-        run_gt, run_pred = self._runs
-        for n in self.windows:
-            if self._frames >= n:
-                g = run_gt >= n - 1
-                total = np.count_nonzero(g)
-                both = np.count_nonzero(g & (run_pred >= n - 1))
-                self._pending[n] = both / total if total else float("nan")
-
-    def end_video(self) -> None:
-        """Close the current video (its last window is dropped); the next frame starts a new one."""
-        self._reset()
-
-    def merge(self, other: "VideoConsistency") -> "VideoConsistency":
-        """Pool the finished windows of ``other`` into this accumulator."""
-        if other.windows != self.windows:
-            raise ValueError(f"cannot merge window lengths {other.windows} into {self.windows}")
-        for n in self.windows:
-            self.scores[n].extend(other.scores[n])
-        return self
-
-    def mvc(self, n: int) -> float:
-        """mVC_n over the finished videos (nan when no window had |G| > 0)."""
-        return _nanmean(self.scores[n])
-
-    def result(self) -> dict[int, float]:
-        return {n: self.mvc(n) for n in self.windows}
-
-
-# ----------------------------------------------------------------------------- reporting
-def _num(value: float) -> float | None:
-    return None if value is None or np.isnan(value) else float(value)
-
-
-def summarize(cm: np.ndarray, *, class_names: Sequence[str],
-              vc: Mapping[int, float] | None = None) -> dict:
-    """JSON-ready summary (fractions in 0..1, nan -> None) of a confusion matrix ([C, C], or
-    [C, C + 1] with a no-prediction column) and mVC values.
-
-    Keys: mIoU, miou_definition (:data:`MIOU_DEFINITION`, the one place the definition is
-    written), pixel_accuracy, mean_class_accuracy (over the classes with ground-truth pixels:
-    recall is undefined elsewhere), mVC8, mVC16 (None when ``vc`` lacks them, plus mVC<n> for
-    any other n in ``vc``), labelled_pixels, unpredicted_pixels (labelled pixels without a
-    prediction, 0 for a [C, C] matrix), and per_class {name: {iou, accuracy, gt_pixels,
-    pred_pixels}}.
-    """
-    cm = np.asarray(cm)
-    if len(class_names) != cm.shape[0] or len(set(class_names)) != len(class_names):
-        raise ValueError(f"need {cm.shape[0]} distinct class names, got {len(class_names)}")
-    _, predicted, gt = class_counts(cm)
-    iou, acc = iou_per_class(cm), class_accuracy(cm)
-    present = gt > 0
-    summary: dict = {
-        "mIoU": _num(mean_iou(cm)),
-        "miou_definition": MIOU_DEFINITION,
-        "pixel_accuracy": _num(pixel_accuracy(cm)),
-        "mean_class_accuracy": _num(acc[present].mean() if present.any() else float("nan")),
-    }
-    vc = dict(vc or {})
-    for n in sorted(set(VC_WINDOWS) | set(vc)):
-        summary[f"mVC{n}"] = _num(vc.get(n))
-    summary["labelled_pixels"] = int(gt.sum())
-    summary["unpredicted_pixels"] = int(gt.sum() - predicted.sum())
-    summary["per_class"] = {
-        name: {"iou": _num(iou[c]), "accuracy": _num(acc[c]),
-               "gt_pixels": int(gt[c]), "pred_pixels": int(predicted[c])}
-        for c, name in enumerate(class_names)}
-    return summary
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
-def format_table(summary: dict) -> str:
-    """Per-class IoU / accuracy table plus the totals, in percent ("-" for undefined)."""
-    width = max([5] + [len(name) for name in summary["per_class"]])
-    lines = [f"{'class':<{width}}  {'IoU %':>7}  {'Acc %':>7}  {'gt pixels':>12}"]
-    for name, row in summary["per_class"].items():
-        lines.append(f"{name:<{width}}  {_pct(row['iou']):>7}  {_pct(row['accuracy']):>7}  "
-                     f"{row['gt_pixels']:>12d}")
-    lines.append("-" * len(lines[0]))
-    totals = [("mIoU", "mIoU"), ("pixel acc", "pixel_accuracy"), ("mean acc", "mean_class_accuracy")]
-    totals += [(key, key) for key in summary if key.startswith("mVC")]
-    lines.append("  ".join(f"{label} {_pct(summary[key])}" for label, key in totals))
-    notes = [f"mIoU = {summary['miou_definition']}"] if summary.get("miou_definition") else []
-    if summary.get("unpredicted_pixels"):
-        notes.append(f"{summary['unpredicted_pixels']} labelled pixel(s) without a prediction "
-                     "count as misses of their class")
-    if notes:
-        lines.append("; ".join(notes))
-    return "\n".join(lines)

@@ -1,16 +1,13 @@
 """Score predicted label maps against the manifest's masks: mIoU, accuracies, mVC8 and mVC16.
 
-    python pipeline/evaluate.py PRED_DIR|SUBMISSION.zip [--manifest data/manifest.csv]
-                                [--classes FILE] [--split test] [--out PRED.eval.json]
-                                [--format F] [--vspw-offset 0|1]
-
-PRED_DIR holds one single-channel PNG ``<id>.png`` of train ids per labelled frame of the split.
-A submission zip written by ``pipeline/submit.py`` is decoded back to train ids per its format
-(:mod:`pipeline.submission.formats`: Cityscapes labelIds -> trainIds, the VSPW offset undone); the format
-comes from the ``<name>.json`` beside the zip (checked to be that zip's), or ``--format``
-(which wins when both exist). The zip must hold each entry once, and no entry that is not a
-frame of the split: a stray entry means the zip was made for other frames (another split or
-manifest), and scoring the overlap would report a number about a set nobody chose.
+Run as ``python pipeline/evaluate.py``. PRED_DIR holds one single-channel PNG ``<id>.png`` of
+train ids per labelled frame of the split. A submission zip written by ``pipeline/submit.py`` is
+decoded back to train ids per its format (:mod:`pipeline.submission.formats`: Cityscapes
+labelIds -> trainIds, the VSPW offset undone); the format comes from the ``<name>.json`` beside
+the zip (checked to be that zip's), or ``--format`` (which wins when both exist). The zip must
+hold each entry once, and no entry that is not a frame of the split: a stray entry means the zip
+was made for other frames (another split or manifest), and scoring the overlap would report a
+number about a set nobody chose.
 
 mIoU is the standard one (:data:`pipeline.evaluation.metrics.MIOU_DEFINITION`, stated once in the table
 and the JSON): the mean over every class with TP + FP + FN > 0, so a class predicted but absent
@@ -39,10 +36,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core import atomic
-from pipeline.evaluation import metrics
-from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
 from pipeline.core.errors import PipelineError
-from pipeline.submission.formats import ZipPredictions, get_format, sha256_of, sidecar_path, zip_format_name
+from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
+from pipeline.evaluation import metrics, scorecard
+from pipeline.evaluation.consistency import VC_WINDOWS, VideoConsistency
+from pipeline.submission.formats import get_format
+from pipeline.submission.sidecar import sha256_of, sidecar_path, zip_format_name
+from pipeline.submission.zips import ZipPredictions
 
 NO_PREDICTION = 255
 
@@ -89,7 +89,7 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
     """Score ``load_pred(frame)`` (HxW train ids, 255 = no prediction) on the labelled ``frames``.
 
     Frames are visited video by video in frame order (video consistency needs it). Returns
-    :func:`pipeline.evaluation.metrics.summarize`'s dict (mIoU over the classes with TP + FP + FN > 0; a
+    :func:`pipeline.evaluation.scorecard.summarize`'s dict (mIoU over the classes with TP + FP + FN > 0; a
     255 on a labelled pixel is a miss of its class only) plus ``frames`` and ``videos`` counts.
     ``describe(frame)`` names a prediction in error messages (its file, say).
     """
@@ -102,7 +102,7 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
     # With more than 255 classes, 255 is a class and there is no such value.
     cm = metrics.ConfusionMatrix(num_classes=num_classes, ignore_index=classes.ignore_index,
                                  no_prediction=NO_PREDICTION if num_classes <= NO_PREDICTION else None)
-    vc = metrics.VideoConsistency(windows=metrics.VC_WINDOWS)
+    vc = VideoConsistency(windows=VC_WINDOWS)
     videos = 0
     with tqdm(total=len(labelled), desc="evaluate", unit="frame", disable=not progress) as bar:
         for _, group in itertools.groupby(labelled, key=lambda f: f.video):
@@ -115,7 +115,7 @@ def evaluate_predictions(frames: Sequence[Frame], classes: ClassInfo,
                 vc.add_frame(gt, pred)
                 bar.update()
             vc.end_video()
-    summary = metrics.summarize(cm.matrix, class_names=classes.names, vc=vc.result())
+    summary = scorecard.summarize(cm.matrix, class_names=classes.names, vc=vc.result())
     summary.update(frames=len(labelled), videos=videos)
     return summary
 

@@ -3,7 +3,7 @@
 A run (model config x fold x seed) predicts, with its SWA weights when averaged (else its best
 checkpoint), the frames of its validation fold (out-of-fold: every train frame is predicted
 exactly once, by the fold model that never trained on it) and every test frame. Maps go to
-``oof_preds/<model>_s<seed>/f<fold>/{oof,test}/<id>.npz`` through :mod:`pipeline.inference.probstore`;
+``oof_preds/<model>_s<seed>/f<fold>/{oof,test}/<id>.npz`` through :mod:`pipeline.inference.mapfile`;
 ``meta.json`` is written last. An interrupted run resumes: maps already written with the same
 weights and settings are kept, not recomputed.
 """
@@ -22,20 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.core import atomic
-from pipeline.models.checkpoint import model_from_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.core.names import ALL_FOLDS, MAP_META_FILE, MAP_SPLITS, member_name
+from pipeline.core.runs import RunPaths
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest
-from pipeline.data.transforms import transform_from_params, val_scale
-from pipeline.core.errors import PipelineError
-from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
-from pipeline.models.predict import predict_logits
-from pipeline.inference.probstore import (EXT, map_path, read_labels, read_probs, run_map_dir,
-                                          write_probs, write_run_meta)
-from pipeline.core.names import member_name
-from pipeline.core.runs import RunPaths
-from pipeline.core.names import ALL_FOLDS, MAP_META_FILE, MAP_SPLITS
 from pipeline.data.splits import train_val_ids
+from pipeline.data.transforms import transform_from_params, val_scale
+from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
+from pipeline.inference.mapfile import EXT, read_labels, read_probs, write_probs
+from pipeline.inference.members import map_path, run_map_dir, write_run_meta
 from pipeline.inference.tta import TTAConfig, predict_probs_and_plain
+from pipeline.models.checkpoint import model_from_checkpoint
+from pipeline.models.predict import predict_logits
 
 FINGERPRINT = ".fingerprint.json"
 
@@ -209,7 +208,7 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
 
 
 def member_summary(member) -> dict:
-    """OOF mIoU of a :class:`pipeline.inference.probstore.Member`, pooled over its folds and per fold,
+    """OOF mIoU of a :class:`pipeline.inference.members.Member`, pooled over its folds and per fold,
     with one plain view and with TTA, from the confusion matrices each fold's meta.json holds."""
     folds, pooled = {}, {}
     for fold in member.folds:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.params import build_section
 from pipeline.core.errors import PipelineError
+from pipeline.core.params import build_section
 from pipeline.models.predict import autocast, forward_padded
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

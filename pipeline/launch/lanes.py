@@ -1,10 +1,9 @@
-"""Run the chain with independent members side by side: ``dvc repro`` in lanes.
+"""Members side by side: independent member chains as ``dvc repro`` processes in lanes.
 
-    python pipeline/parallel.py [--jobs 2] [--gpus 0,1] [--dry-run]
-
-``dvc repro`` runs matrix members one after another. DVC releases its lock while a stage's
-command runs, so independent members can run as separate ``dvc --wait-for-lock repro``
-processes. This script does that in three phases, then hands over to a plain ``dvc repro``:
+Run as ``python pipeline/parallel.py``. ``dvc repro`` runs matrix members one after another. DVC
+releases its lock while a stage's command runs, so independent members can run as separate ``dvc
+--wait-for-lock repro`` processes. This script does that in three phases, then hands over to a
+plain ``dvc repro``:
 
 1. ``dvc repro folds`` (prepare and folds, once);
 2. every model x fold x seed member, ``--jobs`` at a time: one

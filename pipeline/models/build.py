@@ -1,4 +1,4 @@
-"""Build a segmentation model by name, with an optional logit-adjusted cosine head.
+"""Build a segmentation model by architecture and encoder name, and rebuild it from its config.
 
 ``build_model(arch=..., encoder=..., num_classes=...)`` delegates to ``smp.create_model``:
 every smp architecture with every smp encoder, and any timm model as ``tu-<timm name>``.
@@ -9,13 +9,8 @@ Weights: ``None`` builds a random init and downloads nothing; ``PATH`` loads a l
 (whole model, one of our checkpoints, or an encoder-only state dict); ``"hub:<tag>"`` asks
 smp/timm to download the encoder weights, which needs a network.
 
-Logit adjustment (Menon et al., 2021) trains ``f(x) + tau * log(prior)`` so the learned
-``f`` is balanced: the fixed prior bias is added in train mode only (unless
-``keep_prior_at_eval``). ``head: cosine`` (default) also replaces the head's final conv (3x3 in
-smp's SegmentationHead) with a 1x1 cosine classifier ``s * cos(w_y, feature)``; ``head: linear``
-keeps smp's conv and only adds the bias, which trains much faster when the decoder's last
-features are few (the cosine of a handful of non-negative ReLU features separates classes
-poorly, and the 1x1 classifier loses the 3x3 conv's spatial context).
+``logit_adjust`` (a spec checked and normalized into the config) has the head of the built
+model replaced or wrapped as :mod:`pipeline.models.prior` describes.
 """
 
 from __future__ import annotations

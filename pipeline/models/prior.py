@@ -1,10 +1,13 @@
 """Logit adjustment (Menon et al., 2021): the class prior as a fixed bias of the model's head.
 
 The model trains ``f(x) + tau * log(prior)`` so that the learned ``f`` is balanced: the bias is
-added in train mode only (unless ``keep_prior_at_eval``). ``head: cosine`` also replaces the
-head's final conv with a 1x1 cosine classifier ``s * cos(w_y, feature)``; ``head: linear`` keeps
-smp's conv and only adds the bias. :func:`without_prior` and :func:`add_prior` let distillation
-compare a student and its teacher on bare logits.
+added in train mode only (unless ``keep_prior_at_eval``). ``head: cosine`` (default) also
+replaces the head's final conv (3x3 in smp's SegmentationHead) with a 1x1 cosine classifier
+``s * cos(w_y, feature)``; ``head: linear`` keeps smp's conv and only adds the bias, which trains
+much faster when the decoder's last features are few (the cosine of a handful of non-negative
+ReLU features separates classes poorly, and the 1x1 classifier loses the 3x3 conv's spatial
+context). :func:`without_prior` and :func:`add_prior` let distillation compare a student and its
+teacher on bare logits.
 """
 
 from __future__ import annotations

@@ -26,19 +26,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.core import atomic
-from pipeline.data.manifest import read_classes, read_image, read_manifest, read_mask, read_raw_mask
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import ALL_FOLDS, ENSEMBLE_ROWS, METRICS_FILE, member_name
-from pipeline.reporting.runs import Run, collect_runs, read_json
-from pipeline.reporting.figures import (compose_overlay, plot_class_iou, plot_confusion,
-                                        plot_training_curves)
-from pipeline.data.manifest import palette_table
-from pipeline.submission.formats import read_sidecar
+from pipeline.data.manifest import (palette_table, read_classes, read_image, read_manifest, read_mask,
+                                    read_raw_mask)
 from pipeline.ensembling.holdout import TEST_SCORES
-from pipeline.inference.runner import member_summary
-from pipeline.reporting.ledger import MemberScores, build_ledger, format_ledger
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
-from pipeline.inference.probstore import list_members
+from pipeline.inference.members import list_members
+from pipeline.inference.runner import member_summary
+from pipeline.reporting.figures import compose_overlay, plot_class_iou, plot_confusion, plot_training_curves
+from pipeline.reporting.ledger import MemberScores, build_ledger, format_ledger
+from pipeline.reporting.runs import Run, collect_runs, read_json
+from pipeline.submission.sidecar import read_sidecar
 
 CURVES, CLASS_IOU, CONFUSION, HEATMAP, OVERLAYS = (
     "training_curves.png", "class_iou.png", "confusion_matrix.png", "ensemble_heatmap.png", "overlays")

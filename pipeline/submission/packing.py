@@ -1,12 +1,8 @@
-"""Stage: pack the test predictions into a checked, deterministic submission zip.
+"""Pack test predictions into a checked, deterministic submission zip, its previews and JSON.
 
-    python pipeline/submit.py [--pred ensemble/test_pred] [--data data] [--name NAME] [--format F]
-                              [--vspw-offset 0|1] [--out submissions] [--weights ensemble/weights.json]
-                              [--previews N] [--params params.yaml]
-
-``--pred`` holds one single-channel PNG ``<id>.png`` of train ids per test frame of the manifest
-(void 255 is refused: a submission needs a class for every pixel). Writes, from the ``submit:``
-section of params.yaml:
+Run as ``python pipeline/submit.py``. ``--pred`` holds one single-channel PNG ``<id>.png`` of
+train ids per test frame of the manifest (void 255 is refused: a submission needs a class for
+every pixel). Writes, from the ``submit:`` section of params.yaml:
 
 * ``<out>/<name>.zip``   entries in the format's layout (:mod:`pipeline.submission.formats`), reopened and
   checked (one entry per test frame, nothing else, sizes, modes and values) before it replaces
@@ -21,7 +17,7 @@ temporary); only then is the old JSON deleted and the zip, the previews and the 
 place, in that order. So a failure (a bad prediction, a full disk, a read-only folder: one
 ``error:`` line) changes nothing, and a kill at any moment leaves either the old pair, or a zip
 without a JSON (read as "unknown", rebuilt by the next run), never a zip beside another zip's
-JSON; :func:`pipeline.submission.formats.read_sidecar` refuses such a pair made by hand. Temporaries of a
+JSON; :func:`pipeline.submission.sidecar.read_sidecar` refuses such a pair made by hand. Temporaries of a
 killed run are removed by the next one (:func:`pipeline.core.atomic.remove_stale_tmp`). Outputs that
 would overwrite an input (the predictions, manifest, classes, weights or params) are refused.
 
@@ -41,12 +37,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.atomic import (atomic_dir, atomic_path, json_text, output_errors, refuse_overwrite,
-                             remove_stale_tmp)
-from pipeline.data.manifest import Frame, read_classes, read_image, read_manifest, read_raw_mask
+                                  remove_stale_tmp)
 from pipeline.core.errors import PipelineError
-from pipeline.data.manifest import palette_table
-from pipeline.submission.formats import (SubmissionFormat, check_zip, expected_entries, frame_size, get_format,
-                              png_bytes, sha256_of, sidecar_path, write_zip_entries)
+from pipeline.data.manifest import (Frame, palette_table, read_classes, read_image, read_manifest,
+                                    read_raw_mask)
+from pipeline.submission.formats import SubmissionFormat, expected_entries, get_format
+from pipeline.submission.sidecar import sha256_of, sidecar_path
+from pipeline.submission.zips import check_zip, frame_size, png_bytes, write_zip_entries
 
 PREVIEW_ALPHA = 0.5   # weight of the class colour over the image
 PREVIEW_GAP = 4       # px of white between image and overlay

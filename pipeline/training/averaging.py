@@ -29,16 +29,16 @@ from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from pipeline.core.atomic import write_json
-from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.core.names import ALL_FOLDS
+from pipeline.core.runs import RunPaths
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
 from pipeline.data.manifest import ClassInfo, Frame
 from pipeline.data.transforms import transform_from_params, val_scale
-from pipeline.training.loop import load_run_data
-from pipeline.core.errors import PipelineError
 from pipeline.evaluation.metrics import mean_iou
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.models.predict import autocast, validate
-from pipeline.core.runs import RunPaths
-from pipeline.core.names import ALL_FOLDS
+from pipeline.training.run_data import load_run_data
 
 SNAPSHOT_NAME = re.compile(r"^swa_(\d+)\.pt$")
 

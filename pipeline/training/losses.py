@@ -1,4 +1,4 @@
-"""Training losses: cross-entropy, OHEM, self-distillation, logit-adjustment priors, a registry.
+"""Training losses: cross-entropy, OHEM, self-distillation, combined by name from a registry.
 
 The maths lives in pure functions (tensors in, tensors out); thin ``nn.Module`` wrappers hold
 the options; :func:`build_loss` combines named, weighted parts from params. Shapes everywhere:
@@ -244,8 +244,8 @@ class CombinedLoss(nn.Module):
                 student_logits: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``student_logits`` (default ``logits``) are what the teacher parts compare with
-        ``teacher_logits``: the training engine passes the student's logits without its
-        logit-adjustment prior there, as the teacher's are (see pipeline.training.loop)."""
+        ``teacher_logits``: the training loop passes the student's logits without its
+        logit-adjustment prior there, as the teacher's are (see pipeline.training.distill)."""
         total, values = logits.new_zeros((), dtype=torch.float32), {}
         for name, part in self.parts.items():
             if getattr(part, "needs_teacher", False):

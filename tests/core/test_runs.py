@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pipeline.core.errors import PipelineError
-from pipeline.launch.lanes import member_targets
 from pipeline.core.runs import load_train_params
+from pipeline.launch.lanes import member_targets
 
 from conftest import REPO  # the repository root, defined once
 

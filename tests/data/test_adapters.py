@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.adapters import (ADAPTERS, CAMVID_CLASSES, CamvidOptions, FolderOptions, build_dataset,
                                     parse_options)
 from pipeline.data.cityscapes import (CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN, CITYSCAPES_PALETTE,
                                       CITYSCAPES_TRAIN_TO_LABEL, CityscapesOptions)
 from pipeline.data.manifest import IGNORE_INDEX, INVALID, read_mask
 from pipeline.data.vspw import VSPWOptions
-from pipeline.core.errors import PipelineError
 
 # The official Cityscapes table, written out from the spec rather than from the module.
 OFFICIAL_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.dataset import (InfiniteSampler, SegmentationDataset, build_eval_loader, build_loader,
                                    epoch_permutation)
 from pipeline.data.manifest import ClassInfo, Frame, identity_lut
 from pipeline.data.transforms import eval_transform, train_transform
-from pipeline.core.errors import PipelineError
 
 H, W = 24, 32
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.demo import generate_demo
 from pipeline.data.manifest import IGNORE_INDEX, read_image, read_mask, read_raw_mask
-from pipeline.core.errors import PipelineError
 
 SMALL = dict(seed=3, videos=4, test_videos=1, min_frames=3, max_frames=5, height=48, width=64)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.manifest import Frame, write_class_counts, write_manifest
 from pipeline.core.errors import PipelineError
+from pipeline.core.names import ALL_FOLDS
+from pipeline.data.manifest import Frame, write_class_counts, write_manifest
 from pipeline.data.splits import (FOLDS_COLUMNS, assign_folds, fold_ids, make_folds, read_folds,
                                   summarize_folds, train_val_ids, write_folds)
-from pipeline.core.names import ALL_FOLDS
 
 from conftest import REPO  # the repository root, defined once
 

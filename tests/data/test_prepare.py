@@ -15,11 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.core.errors import run_cli
 from pipeline.core.params import load_section
 from pipeline.data.adapters import ADAPTERS, parse_options
-from pipeline.data.manifest import (MANIFEST_COLUMNS, read_class_counts, read_classes, read_manifest,
-                                    read_mask)
-from pipeline.core.errors import run_cli
+from pipeline.data.manifest import MANIFEST_COLUMNS, read_class_counts, read_classes, read_manifest, read_mask
 from pipeline.prepare import PrepareParams, main
 
 H, W = 6, 8

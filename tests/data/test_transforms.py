@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.core.errors import PipelineError
 from pipeline.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform,
                                       transform_from_params)
-from pipeline.core.errors import PipelineError
 
 MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 STD = np.asarray(IMAGENET_STD, dtype=np.float32)

@@ -22,14 +22,20 @@ import yaml
 from PIL import Image
 
 from pipeline import ensemble
-from pipeline.core.names import ENSEMBLE_ROWS
-from pipeline.ensembling import search as ensembling
-from pipeline.ensembling import fusion
-from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
 from pipeline.core.errors import PipelineError, run_cli
-from pipeline.evaluation.metrics import confusion_matrix, mean_iou
-from pipeline.inference.probstore import list_members, run_map_dir, write_probs, write_run_meta
+from pipeline.core.names import ENSEMBLE_ROWS
+from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
 from pipeline.data.splits import write_folds
+from pipeline.ensembling import fusion, passes, records
+from pipeline.ensembling.fit import RECORDS, best_point
+from pipeline.ensembling.groups import resolve_groups
+from pipeline.ensembling.lock import search_lock
+from pipeline.ensembling.params import parse_grid
+from pipeline.ensembling.search import search_ensemble
+from pipeline.ensembling.study import STUDY_DB, STUDY_NAME, open_study, run_study
+from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+from pipeline.inference.mapfile import write_probs
+from pipeline.inference.members import list_members, run_map_dir, write_run_meta
 
 # Four kinds of pixel rows (gt class; S, W, A probabilities of 3 classes). Each is right only
 # on one side of a threshold: T1 needs alpha > 0.95, T2 alpha < 1.05, T3 beta > 0.35 and T4
@@ -173,14 +179,14 @@ def test_search_finds_planted_weights_on_full_grid(tmp_path):
     assert sorted(confusion) == sorted(ENSEMBLE_ROWS)
     for row in ENSEMBLE_ROWS:  # the matrices behind the table's mIoU
         assert mean_iou(np.asarray(confusion[row])) == metrics[f"{row}_mIoU"]
-    study = optuna.load_study(study_name=ensembling.STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 21 * 21 and study.best_value == 1.0
     assert (study.best_params["alpha"], study.best_params["beta"]) == PLANTED
 
 
 def test_every_grid_score_equals_brute_force(searched):
     ws, result = searched
-    trials = optuna.load_study(study_name=ensembling.STUDY_NAME,
+    trials = optuna.load_study(study_name=STUDY_NAME,
                                storage=f"sqlite:///{ws['out'] / 'study.db'}").trials
     assert len(trials) == len(SMALL) ** 2
     assert {(t.params["alpha"], t.params["beta"]) for t in trials} == {
@@ -230,8 +236,8 @@ def _store_meta_cms(ws, bump: str | None = None, swap: str | None = None) -> Non
 def test_auto_groups_rank_by_meta_confusion_when_inference_stored_it(tmp_path, monkeypatch, capsys):
     ws = build(tmp_path, ensemble_params={"n_strong": 2, "alpha_grid": SMALL, "beta_grid": SMALL})
     calls = []
-    original = fusion.score_pass
-    monkeypatch.setattr(fusion, "score_pass",
+    original = passes.score_pass
+    monkeypatch.setattr(passes, "score_pass",
                         lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
     without = ensemble.main(argv(ws))
     assert calls == ["rank members", "grid pass"]  # the fused rows come from its records
@@ -263,17 +269,17 @@ def test_resolve_groups_auto_and_explicit():
     scores = {"a_s0": .5, "b_s0": .7, "c_s0": .6, "d_s0": .9, "e_s0": .8}
     fams = {"a_s0": "p", "b_s0": "p", "c_s0": "p", "d_s0": "x", "e_s0": "x"}
     kw = {"names": names, "scores": scores, "families": fams, "primary_family": "p"}
-    assert ensembling.resolve_groups(None, n_strong=1, n_aux=0, **kw) == {
+    assert resolve_groups(None, n_strong=1, n_aux=0, **kw) == {
         "S": ["b_s0"], "W": ["a_s0", "c_s0"], "A": ["d_s0", "e_s0"]}
-    assert ensembling.resolve_groups(None, n_strong=5, n_aux=1, **kw)["A"] == ["d_s0"]
+    assert resolve_groups(None, n_strong=5, n_aux=1, **kw)["A"] == ["d_s0"]
     given = {"S": ["e_s0"], "W": [], "A": ["a_s0"]}
-    assert ensembling.resolve_groups(given, n_strong=1, n_aux=0, **kw) == given
+    assert resolve_groups(given, n_strong=1, n_aux=0, **kw) == given
     with pytest.raises(PipelineError, match="member 'zz'"):
-        ensembling.resolve_groups({"S": ["zz"], "W": [], "A": []}, n_strong=1, n_aux=0, **kw)
+        resolve_groups({"S": ["zz"], "W": [], "A": []}, n_strong=1, n_aux=0, **kw)
     with pytest.raises(PipelineError, match="both S and A"):
-        ensembling.resolve_groups({"S": ["a_s0"], "W": [], "A": ["a_s0"]}, n_strong=1, n_aux=0, **kw)
+        resolve_groups({"S": ["a_s0"], "W": [], "A": ["a_s0"]}, n_strong=1, n_aux=0, **kw)
     with pytest.raises(PipelineError, match="no member of family 'q'.*families found: p, x"):
-        ensembling.resolve_groups(None, n_strong=1, n_aux=0, **{**kw, "primary_family": "q"})
+        resolve_groups(None, n_strong=1, n_aux=0, **{**kw, "primary_family": "q"})
 
 
 def test_empty_groups_fix_their_weight_at_zero(tmp_path):
@@ -288,15 +294,15 @@ def test_study_resumes_without_duplicates_and_cache_skips_the_pass(searched, mon
     ws, first = searched
     storage = f"sqlite:///{ws['out'] / 'study.db'}"
     before = [(t.number, t.params, t.value) for t in optuna.load_study(
-        study_name=ensembling.STUDY_NAME, storage=storage).trials]
+        study_name=STUDY_NAME, storage=storage).trials]
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the grid pass ran again")
 
-    monkeypatch.setattr(fusion, "score_pass", no_pass)
+    monkeypatch.setattr(passes, "score_pass", no_pass)
     again = ensemble.main(argv(ws))
     after = [(t.number, t.params, t.value) for t in optuna.load_study(
-        study_name=ensembling.STUDY_NAME, storage=storage).trials]
+        study_name=STUDY_NAME, storage=storage).trials]
     assert after == before and again["weights"] == first["weights"]
     # a changed map changes the fingerprint: the pass runs and the study starts over
     monkeypatch.undo()
@@ -304,7 +310,7 @@ def test_study_resumes_without_duplicates_and_cache_skips_the_pass(searched, mon
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     third = ensemble.main(argv(ws))
     assert third["weights"]["fingerprint"] != first["weights"]["fingerprint"]
-    assert len(optuna.load_study(study_name=ensembling.STUDY_NAME, storage=storage).trials) == 25
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) == 25
 
 
 def test_a_kept_study_with_other_values_decides_the_weights(searched, monkeypatch):
@@ -329,25 +335,25 @@ def test_run_study_continues_a_partial_study(tmp_path):
     scores = {(a, b): -abs(a - 1) - abs(b - 0.4) for a in SMALL for b in SMALL}
     db = tmp_path / "study.db"
     storage = f"sqlite:///{db}"
-    partial = optuna.create_study(study_name=ensembling.STUDY_NAME, storage=storage,
+    partial = optuna.create_study(study_name=STUDY_NAME, storage=storage,
                                   direction="maximize",
                                   sampler=optuna.samplers.GridSampler({"alpha": SMALL, "beta": SMALL}))
     partial.set_user_attr("fingerprint", "fp")
     partial.optimize(lambda t: scores[(t.suggest_float("alpha", 0, 1.1),
                                        t.suggest_float("beta", 0, 1.1))], n_trials=6)
-    trials = ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db, fingerprint="fp")
+    trials = run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db, fingerprint="fp")
     assert len(trials) == 25
     assert len({(t.params["alpha"], t.params["beta"]) for t in trials}) == 25
-    assert ensembling.best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials]) \
+    assert best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials]) \
         == (1.0, 0.4, 0.0)
-    assert len(ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db,
-                                  fingerprint="fp")) == 25
+    assert len(run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db,
+                         fingerprint="fp")) == 25
 
 
 def test_workers_give_the_same_result(tmp_path):
     ws = build(tmp_path, ensemble_params=explicit(alpha_grid=SMALL, beta_grid=SMALL, workers=2))
     result = ensemble.main(argv(ws))
-    single = ensembling.search_ensemble(
+    single = search_ensemble(
         oof_root=ws["oof"], data_dir=ws["data"], out_dir=tmp_path / "one", workers=1,
         groups=explicit()["groups"], alphas=SMALL, betas=SMALL, progress=False)
     assert single["metrics"] == result["metrics"]
@@ -462,7 +468,7 @@ def test_params_errors(tmp_path, capsys):
     assert "unknown group 'B'" in _error(capsys, argv(ws))
     ws = build(tmp_path, videos=2, frames=2, ensemble_params={"beta_grid": {"start": 0, "stop": 1}})
     assert "start, stop and step" in _error(capsys, argv(ws))
-    assert ensembling.parse_grid({"start": 0, "stop": 0.3, "step": 0.1}, key="g") == [0, 0.1, 0.2, 0.3]
+    assert parse_grid({"start": 0, "stop": 0.3, "step": 0.1}, key="g") == [0, 0.1, 0.2, 0.3]
     ws = build(tmp_path, videos=2, frames=2)
     params = yaml.safe_load(ws["params"].read_text())
     del params["models"]["weak"]
@@ -486,9 +492,9 @@ def test_apply_error_on_test_map_size_and_unusable_study(searched, capsys):
 
 def test_study_holds_each_grid_point_once_with_its_exact_score(tmp_path):
     scores = {(a, b): a - 2 * b for a in SMALL for b in SMALL}
-    trials = ensembling.run_study(scores=scores, alphas=SMALL, betas=SMALL,
-                                  db=tmp_path / "study.db", fingerprint="fp")
-    study = optuna.load_study(study_name=ensembling.STUDY_NAME,
+    trials = run_study(scores=scores, alphas=SMALL, betas=SMALL,
+                       db=tmp_path / "study.db", fingerprint="fp")
+    study = optuna.load_study(study_name=STUDY_NAME,
                               storage=f"sqlite:///{tmp_path / 'study.db'}")  # Optuna's own tools
     stored = [(t.params["alpha"], t.params["beta"], t.value, t.state) for t in study.trials]
     assert stored == [(a, b, a - 2 * b, optuna.trial.TrialState.COMPLETE)
@@ -500,7 +506,7 @@ def test_study_holds_each_grid_point_once_with_its_exact_score(tmp_path):
 
 # ----------------------------------------------------------------------------- reliability
 def _trial_points(db: Path) -> list[tuple[float, float]]:
-    study = optuna.load_study(study_name=ensembling.STUDY_NAME, storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}")
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     return [(t.params["alpha"], t.params["beta"]) for t in study.trials]
 
@@ -534,12 +540,12 @@ def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_r
 
     outputs = ("weights.json", "metrics.json", "members.json", "grid_scores.npz", "study.db")
     # killed in the grid pass: its label records are left behind, nothing else
-    assert search(lambda: any(out.glob(f"{ensembling.RECORDS}*/chunk*.npz"))) == -signal.SIGKILL
-    assert list(out.glob(f"{ensembling.RECORDS}*"))
+    assert search(lambda: any(out.glob(f"{RECORDS}*/chunk*.npz"))) == -signal.SIGKILL
+    assert list(out.glob(f"{RECORDS}*"))
     assert not any((out / name).exists() for name in outputs)
     # killed once the study is stored (in its work file, beside study.db), before any output
     assert search(lambda: "study: " in log.read_text()) == -signal.SIGKILL
-    work = list(out.glob(f".{ensembling.STUDY_DB}.*.tmp"))
+    work = list(out.glob(f".{STUDY_DB}.*.tmp"))
     assert len(work) == 1 and len(_trial_points(work[0])) == len(SMALL) ** 2
     assert not any((out / name).exists() for name in outputs)
     assert search() == 0
@@ -593,16 +599,16 @@ def test_search_memory_does_not_grow_with_the_frames(tmp_path, monkeypatch):
         ws = build(tmp_path / name, members=members, videos=videos, tile=8)
         names = [sys.intern(path.name) for path in (tmp_path / name).rglob("*")]
         peaks.clear()
-        result = ensembling.search_ensemble(
+        result = search_ensemble(
             oof_root=ws["oof"], data_dir=ws["data"], out_dir=ws["out"], groups=groups,
             alphas=SMALL, betas=SMALL, workers=1, chunk_frames=2, progress=False)
         assert result["metrics"]["frames"] == videos * 10
         assert len(peaks) == 1 + videos and names  # the grid pass, each chunk's fused rows
         return max(peaks)
 
-    for name, wrap in (("score_pass", traced), ("_pass_chunk", collected),
-                       ("_rows_chunk", lambda fn: traced(collected(fn)))):
-        monkeypatch.setattr(fusion, name, wrap(getattr(fusion, name)))
+    for module, name, wrap in ((passes, "score_pass", traced), (passes, "_pass_chunk", collected),
+                               (records, "_rows_chunk", lambda fn: traced(collected(fn)))):
+        monkeypatch.setattr(module, name, wrap(getattr(module, name)))
     gc.collect()
     gc.freeze()
     try:
@@ -783,7 +789,7 @@ def test_non_finite_weights_are_refused(searched, capsys):
 
 def test_one_search_at_a_time(searched, capsys, repo_root):
     ws, _ = searched
-    with ensembling.search_lock(ws["out"]) as lock:
+    with search_lock(ws["out"]) as lock:
         holder = lock.read_text().strip()
         assert holder.startswith(f"pid {os.getpid()}, started ")
         err = _error(capsys, argv(ws))
@@ -804,8 +810,8 @@ def test_a_study_locked_by_another_process_is_not_to_be_deleted(searched, capsys
     try:
         db.execute("BEGIN EXCLUSIVE")  # a reader (a dashboard, a script) holding the database
         with pytest.raises(PipelineError) as err:
-            ensembling.open_study(alphas=SMALL, betas=SMALL, db=ws["out"] / "study.db",
-                                  fingerprint="fp")
+            open_study(alphas=SMALL, betas=SMALL, db=ws["out"] / "study.db",
+                       fingerprint="fp")
     finally:
         db.rollback()
         db.close()

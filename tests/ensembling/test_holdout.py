@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline import ensemble
-from pipeline.ensembling import fusion
 from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.ensembling import fusion
 from pipeline.ensembling.holdout import TEST_SCORES
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
+
 from test_ensemble import MEMBERS, PLANTED, SMALL, argv, build, explicit, pattern
 
 TEST_IDS = [f"v4_{i:02d}" for i in range(10)]

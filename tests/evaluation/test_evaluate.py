@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
 from pipeline.core.errors import run_cli
+from pipeline.data.manifest import ClassInfo, Frame, default_palette, write_classes, write_manifest
 from pipeline.evaluate import main
 from pipeline.evaluation.scoring import evaluate_predictions
 
@@ -141,7 +141,8 @@ def test_missing_dir_and_empty_split(dataset, capsys):
 
 # ----------------------------------------------------------------------------- submission zips
 def _write_zip(path: Path, masks: dict, fmt_name: str = "folder", drop: str | None = None) -> None:
-    from pipeline.submission.formats import get_format, png_bytes, write_zip
+    from pipeline.submission.formats import get_format
+    from pipeline.submission.zips import png_bytes, write_zip
 
     fmt = get_format(fmt_name, dataset="")
     preds = {fid: np.where(mask == 255, 0, mask).astype(np.uint8) for fid, mask in masks.items()}

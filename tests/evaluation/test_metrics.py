@@ -1,17 +1,16 @@
-"""Confusion matrix, IoU / accuracy and VSPW video consistency against hand-computed values."""
+"""Confusion matrix and IoU / accuracy against hand-computed values and a naive reference."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from pipeline.evaluation import metrics
-from pipeline.evaluation.metrics import (ConfusionMatrix, VideoConsistency, class_accuracy, confusion_matrix,
-                              format_table, iou_per_class, mean_iou, mvc, pixel_accuracy, summarize,
-                              vc_window_scores)
+from pipeline.evaluation.metrics import (ConfusionMatrix, class_accuracy, confusion_matrix, iou_per_class,
+                                         mean_iou, pixel_accuracy)
+from pipeline.evaluation.scorecard import summarize
 
 
 def naive_cm(gt, pred, num_classes, ignore_index=255):
@@ -23,7 +22,6 @@ def naive_cm(gt, pred, num_classes, ignore_index=255):
     return cm
 
 
-# ----------------------------------------------------------------------------- confusion matrix
 def test_perfect_prediction_is_diagonal():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 5, size=(20, 30), dtype=np.uint8)
@@ -192,108 +190,3 @@ def test_out_of_range_raises(dtype):
         confusion_matrix(np.array([0, 7, 2, 255], dtype=dtype), np.zeros(4, dtype), num_classes=3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(gt, np.zeros(3, dtype), num_classes=3)
-
-
-# ----------------------------------------------------------------------------- video consistency
-def _frames(rows):
-    return [np.array([r], dtype=np.uint8) for r in rows]  # each frame is 1x4
-
-
-# Video A, 4 frames: windows (n=2) start at 0 and 1; the window f2-f3 is the skipped last one
-# (it would score 0: same gt, every prediction changes).
-A_GT = _frames([[0, 0, 1, 1], [0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 1, 2]])
-A_PRED = _frames([[0, 0, 1, 1], [0, 1, 1, 2], [0, 1, 1, 2], [3, 3, 3, 3]])
-# Video B, 2 frames <= n: contributes nothing (it would score 0).
-B_GT = _frames([[0, 0, 0, 0], [0, 0, 0, 0]])
-B_PRED = _frames([[0, 0, 0, 0], [1, 1, 1, 1]])
-# Video C, 4 frames: window 0 has no constant gt pixel (|G| = 0 -> nan); window 1 has G = all,
-# P = none -> 0; the skipped last window would score 1.
-C_GT = _frames([[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
-C_PRED = _frames([[2, 2, 2, 2], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
-VIDEOS = [(A_GT, A_PRED), (B_GT, B_PRED), (C_GT, C_PRED)]
-
-
-def test_vc_hand_computed():
-    # A window 0: G = gt f0 == f1 = [T, T, T, F] (3), P = [T, F, T, F], G & P = 2 -> 2/3
-    # A window 1: G = [T, F, T, T] (3), P = all, G & P = 3 -> 1
-    assert vc_window_scores(A_GT, A_PRED, 2) == pytest.approx([2 / 3, 1.0])
-    assert vc_window_scores(B_GT, B_PRED, 2) == []
-    c = vc_window_scores(C_GT, C_PRED, 2)
-    assert len(c) == 2 and math.isnan(c[0]) and c[1] == 0.0
-    # pooled: nanmean(2/3, 1, nan, 0) = (5/3) / 3 = 5/9, not the mean of video means (5/6 + 0) / 2
-    assert mvc(VIDEOS, n=2) == pytest.approx(5 / 9)
-    # n = 3: A has one window f0..f2: G = [T, F, T, F], P = [T, F, T, F] -> 1; C's is nan
-    assert mvc(VIDEOS, n=3) == pytest.approx(1.0)
-    assert math.isnan(mvc([(B_GT, B_PRED)], n=2))
-
-
-def test_streaming_vc_hand_example():
-    acc = VideoConsistency(windows=(2, 3))
-    for gt, pred in VIDEOS:
-        for g, p in zip(gt, pred):
-            acc.add_frame(g, p)
-        acc.end_video()
-    assert acc.mvc(2) == pytest.approx(5 / 9)
-    assert acc.result()[3] == pytest.approx(1.0)
-
-
-def _random_video(rng, length, shape=(6, 7), labels=3, change=0.05):
-    gt = [rng.integers(0, labels, size=shape, dtype=np.uint8)]
-    pred = [np.where(rng.random(shape) < 0.1, 0, gt[0]).astype(np.uint8)]
-    for _ in range(length - 1):
-        flip = rng.random(shape) < change
-        gt.append(np.where(flip, rng.integers(0, labels, size=shape), gt[-1]).astype(np.uint8))
-        noise = rng.random(shape) < change
-        pred.append(np.where(noise, rng.integers(0, labels, size=shape), gt[-1]).astype(np.uint8))
-    return gt, pred
-
-
-def test_streaming_vc_equals_batch():
-    rng = np.random.default_rng(4)
-    videos = [_random_video(rng, length) for length in (1, 2, 3, 8, 9, 16, 17, 25, 40)]
-    windows = (1, 2, 3, 8, 16)
-    acc = VideoConsistency(windows=windows)
-    for gt, pred in videos:
-        for g, p in zip(gt, pred):
-            acc.add_frame(g, p)
-        acc.end_video()
-    for n in windows:
-        batch = [s for gt, pred in videos for s in vc_window_scores(gt, pred, n)]
-        assert len(batch) == sum(max(len(gt) - n, 0) for gt, _ in videos)
-        np.testing.assert_allclose(acc.scores[n], batch, equal_nan=True)
-        assert acc.mvc(n) == pytest.approx(mvc(videos, n=n), nan_ok=True)
-    assert 0 < acc.mvc(8) < 1  # the example is neither trivial nor all-nan
-
-
-def test_streaming_vc_merge_and_shape_check():
-    a, b = VideoConsistency(windows=(2,)), VideoConsistency(windows=(2,))
-    for g, p in zip(A_GT, A_PRED):
-        a.add_frame(g, p)
-    a.end_video()
-    for g, p in zip(C_GT, C_PRED):
-        b.add_frame(g, p)
-    b.end_video()
-    assert a.merge(b).mvc(2) == pytest.approx(5 / 9)
-    with pytest.raises(ValueError, match="shape"):
-        a.add_frame(np.zeros((2, 2)), np.zeros((2, 3)))
-
-
-# ----------------------------------------------------------------------------- summary
-def test_summary_is_json_and_table_in_percent():
-    cm = np.array([[3, 1, 0], [0, 2, 1], [0, 0, 0]])
-    summary = summarize(cm, class_names=["sky", "road", "cat"], vc={8: 0.5})
-    parsed = json.loads(json.dumps(summary, allow_nan=False))
-    # "cat" was predicted once but never in the gt: IoU 0 (its union is 1), counted in the mean;
-    # its accuracy is undefined and left out of the mean accuracy (3/4 + 2/3) / 2
-    assert parsed["mIoU"] == pytest.approx((3 / 4 + 2 / 4 + 0) / 3)
-    assert parsed["miou_definition"] == metrics.MIOU_DEFINITION
-    assert parsed["mean_class_accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
-    assert parsed["mVC8"] == 0.5 and parsed["mVC16"] is None
-    assert parsed["per_class"]["cat"] == {"iou": 0.0, "accuracy": None, "gt_pixels": 0,
-                                          "pred_pixels": 1}
-    assert parsed["unpredicted_pixels"] == 0
-    table = format_table(summary)
-    assert "mIoU 41.67" in table and "75.00" in table and "mean acc 70.83" in table
-    assert "mVC8 50.00" in table and table.count(metrics.MIOU_DEFINITION) == 1
-    with pytest.raises(ValueError):
-        summarize(cm, class_names=["a", "a", "b"])

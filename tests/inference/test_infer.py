@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.checkpoint import model_from_checkpoint
 from pipeline.data.manifest import read_classes, read_manifest
-from pipeline.infer import main as infer_main
-from pipeline.inference.probstore import Member, check_coverage, read_meta, read_probs
 from pipeline.data.splits import read_folds
+from pipeline.infer import main as infer_main
+from pipeline.inference.mapfile import read_meta, read_probs
+from pipeline.inference.members import Member, check_coverage
+from pipeline.models.checkpoint import model_from_checkpoint
 
 
 def _infer(ws, run_dir: Path, out: Path, *extra: str) -> dict:
@@ -81,8 +82,8 @@ def test_maps_are_probabilities_of_the_right_shape_and_describe_themselves(two_f
 
 def test_metrics_match_a_direct_computation(two_folds, demo_workspace):
     _, _, out, runs, metrics = two_folds
-    from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
     from pipeline.data.manifest import read_mask
+    from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
 
     classes = read_classes(demo_workspace.classes)
     member = Member(out / "tiny_s0")

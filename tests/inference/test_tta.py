@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError
+from pipeline.inference.tta import (TTAConfig, hflip, predict_probs, predict_probs_and_plain,
+                                    predict_probs_batch, rescale, restore, scaled_size, sliding_window,
+                                    tta_from_params, window_starts)
 from pipeline.models.build import build_model
 from pipeline.models.predict import forward_padded
-from pipeline.inference.tta import (TTAConfig, hflip, predict_probs, predict_probs_and_plain,
-                          predict_probs_batch, rescale, restore,
-                          scaled_size, sliding_window, tta_from_params, window_starts)
 
 C = 4
 

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 import yaml
 
+from pipeline.core.runs import load_train_params
 from pipeline.launch.lanes import lane_env, member_targets
 from pipeline.parallel import main
-from pipeline.core.runs import load_train_params
 
 from conftest import REPO  # the repository root, defined once
 

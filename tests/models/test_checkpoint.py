@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.checkpoint import (FORMAT, load_checkpoint, model_from_checkpoint, restore_rng,
-                                 restore_training_state, save_checkpoint)
-from pipeline.data.manifest import ClassInfo
 from pipeline.core.errors import PipelineError
+from pipeline.data.manifest import ClassInfo
 from pipeline.models.build import build_model
+from pipeline.models.checkpoint import (FORMAT, load_checkpoint, model_from_checkpoint, restore_rng,
+                                        restore_training_state, save_checkpoint)
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -11,8 +11,8 @@ import torch
 
 from pipeline.core.errors import PipelineError
 from pipeline.models.build import build_model, list_archs, list_encoders, load_weights, model_config
-from pipeline.models.wrappers import to_channels_last
 from pipeline.models.prior import CosineClassifier, PriorAdjustedConv
+from pipeline.models.wrappers import to_channels_last
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 PRIOR = [100.0, 10.0, 1.0]

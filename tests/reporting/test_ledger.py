@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.reporting.ledger import (NO_BAND, MemberScores, build_ledger, format_ledger, noise_band,
-                             switch_pairs, verdict)
+                                       switch_pairs, verdict)
 
 BASE = {"arch": "Unet", "encoder": "tu-resnet10t", "iters": 100,
         "loss": [{"name": "ohem", "thresh": 0.7, "min_kept": 1000}]}

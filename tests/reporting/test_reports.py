@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reporting import summary as reports
-from pipeline.data.manifest import ClassInfo, Frame, write_classes, write_manifest
 from pipeline.core.errors import PipelineError, run_cli
+from pipeline.data.manifest import ClassInfo, Frame, write_classes, write_manifest
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
-from pipeline.inference.probstore import run_map_dir, write_run_meta
+from pipeline.inference.members import run_map_dir, write_run_meta
 from pipeline.report import main
+from pipeline.reporting import summary as reports
 
 NAMES = ["sky", "road", "car"]
 PALETTE = [[10, 20, 30], [200, 0, 0], [0, 250, 0]]

@@ -36,19 +36,22 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DemoWorkspace
 from pipeline.core.errors import run_cli
-from pipeline.inference.probstore import run_map_dir, write_probs
 from pipeline.core.runs import RunPaths
-from test_ensemble import SHAPE, SMALL, explicit
+from pipeline.inference.mapfile import write_probs
+from pipeline.inference.members import run_map_dir
+
+from conftest import REPO  # the repository root, defined once
+from conftest import DemoWorkspace
+from test_ensemble import SHAPE, SMALL
 from test_ensemble import argv as ensemble_argv
 from test_ensemble import build as build_maps
+from test_ensemble import explicit
 from test_prepare import H, W, make_dataset, resize_frame, save_image, save_jpeg, save_mask
 from test_prepare import write_params as folder_params
 from test_submit import make_project
 from test_swa import GN_SPEC
 
-from conftest import REPO  # the repository root, defined once
 TIMEOUT = 120  # seconds, for a subprocess that should take a few
 
 
@@ -303,9 +306,9 @@ def _swa(breaker: Callable[[RunPaths, Ctx], object]) -> Callable[[Ctx], list]:
 
 def _other_arch_snapshot(run: RunPaths, ctx: Ctx) -> None:
     """A snapshot of a GroupNorm EfficientNet among the run's ResNet snapshots."""
-    from pipeline.models.checkpoint import save_checkpoint
     from pipeline.data.manifest import read_classes
     from pipeline.models.build import build_model
+    from pipeline.models.checkpoint import save_checkpoint
 
     classes = read_classes(ctx.demo.classes)
     model = build_model(**{**GN_SPEC, "num_classes": classes.num_classes})
@@ -460,7 +463,7 @@ def _search_running(ws: dict) -> None:
     this test process)."""
     import contextlib
 
-    from pipeline.ensembling.search import search_lock
+    from pipeline.ensembling.lock import search_lock
 
     held = contextlib.ExitStack()
     held.enter_context(search_lock(ws["out"]))

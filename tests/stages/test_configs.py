@@ -14,21 +14,22 @@ import pytest
 import yaml
 
 from pipeline.core.params import load_section
+from pipeline.core.runs import load_model_params, load_train_params
 from pipeline.data.adapters import parse_options
 from pipeline.data.transforms import transform_from_params
 from pipeline.ensemble import EnsembleParams
-from pipeline.ensembling.search import parse_grid, parse_groups
+from pipeline.ensembling.params import parse_grid, parse_groups
 from pipeline.evaluate import EvaluateParams
 from pipeline.folds import FoldsParams
-from pipeline.submission.formats import get_format
 from pipeline.infer import InferParams
+from pipeline.inference.tta import tta_from_params
 from pipeline.models.build import _check_arch_kwargs, _check_encoder, list_archs
 from pipeline.prepare import PrepareParams
-from pipeline.core.runs import load_model_params, load_train_params
+from pipeline.submission.formats import get_format
 from pipeline.submit import SubmitParams
-from pipeline.inference.tta import tta_from_params
 
 from conftest import REPO  # the repository root, defined once
+
 FILES = [REPO / "params.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
 
 

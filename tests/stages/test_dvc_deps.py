@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO  # the repository root, defined once
+
 PACKAGE = "pipeline"
 SCRIPT = re.compile(r"\bpython3?\s+(pipeline/[\w/]+\.py)\b")
 

@@ -23,6 +23,7 @@ import yaml
 from pipeline.data.manifest import read_manifest
 
 from conftest import REPO  # the repository root, defined once
+
 TINY_ENCODER = {"arch": "Unet", "encoder": "tu-test_resnet",
                 "arch_kwargs": {"decoder_channels": [16, 16, 8, 8, 8]}}
 

@@ -28,11 +28,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.checkpoint import load_checkpoint
 from pipeline.infer import main as infer_main
-from pipeline.inference.probstore import read_probs, run_map_dir
+from pipeline.inference.mapfile import read_probs
+from pipeline.inference.members import run_map_dir
+from pipeline.models.checkpoint import load_checkpoint
 
 from conftest import REPO  # the repository root, defined once
+
 TIMEOUT = 120  # seconds, for a subprocess that should take a few
 
 
@@ -215,8 +217,8 @@ def test_atomic_path_killed_mid_write_leaves_old_or_nothing(tmp_path, earlier):
 
 def test_checkpoint_save_killed_mid_write_keeps_the_earlier_checkpoint(tmp_path):
     target = tmp_path / "last.pt"
-    from pipeline.models.checkpoint import save_checkpoint
     from pipeline.models.build import build_model
+    from pipeline.models.checkpoint import save_checkpoint
 
     earlier = build_model(arch="Unet", encoder="tu-test_resnet", num_classes=3,
                           decoder_channels=[16, 16, 8, 8, 8])

@@ -13,13 +13,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.core.errors import PipelineError, run_cli
 from pipeline.data.cityscapes import CITYSCAPES_TRAIN_TO_LABEL, cityscapes_label_lut
 from pipeline.data.manifest import (ClassInfo, Frame, default_palette, identity_lut, read_classes,
                                     read_manifest, write_classes, write_manifest)
-from pipeline.core.errors import PipelineError, run_cli
 from pipeline.evaluate import main as evaluate_main
-from pipeline.submission.formats import check_zip, get_format
+from pipeline.submission.formats import get_format
 from pipeline.submission.packing import PREVIEW_GAP, PREVIEW_MIN_HEIGHT, preview_frames, render_preview
+from pipeline.submission.zips import check_zip
 from pipeline.submit import main
 
 H, W = 8, 12

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.errors import PipelineError
-from pipeline.training.losses import (IGNORE_INDEX, build_loss, cross_entropy, distillation_loss,
-                                      list_losses, loss_options, ohem_cross_entropy, ohem_mask,
-                                      scaled_min_kept)
 from pipeline.models.prior import log_prior, logit_adjustment_bias
+from pipeline.training.losses import (IGNORE_INDEX, build_loss, cross_entropy, distillation_loss, list_losses,
+                                      loss_options, ohem_cross_entropy, ohem_mask, scaled_min_kept)
 
 B, C, H, W = 2, 4, 6, 6
 PLAIN = ["ce", "ohem", "dice", "lovasz", "focal"]  # forward(logits, target)

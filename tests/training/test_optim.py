@@ -11,9 +11,7 @@ from torch import nn
 from pipeline.core.errors import PipelineError
 from pipeline.models.build import build_model
 from pipeline.training.optim import (build_optimizer, build_scheduler, cyclic, param_groups,
-                            swa_snapshot_iters, warmup_poly)
-
-
+                                     swa_snapshot_iters, warmup_poly)
 
 
 class TinyViTSeg(nn.Module):

@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.training.averaging import (Snapshot, average_checkpoints, average_state_dicts, has_batchnorm,
-                                list_snapshots, select_snapshots, update_batchnorm)
-from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.core.errors import PipelineError, run_cli
+from pipeline.core.runs import RunPaths
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader
 from pipeline.data.manifest import read_classes
 from pipeline.data.transforms import transform_from_params
-from pipeline.training.loop import load_run_data
-from pipeline.core.errors import PipelineError, run_cli
 from pipeline.evaluation.metrics import mean_iou
 from pipeline.models.build import build_model
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.models.predict import validate
-from pipeline.core.runs import RunPaths
 from pipeline.swa import main, parse_iters
+from pipeline.training.averaging import (Snapshot, average_checkpoints, average_state_dicts, has_batchnorm,
+                                         list_snapshots, select_snapshots, update_batchnorm)
+from pipeline.training.run_data import load_run_data
 
 TINY_SPEC = {"arch": "Unet", "encoder": "tu-test_resnet", "num_classes": 3,
              "decoder_channels": [16, 16, 8, 8, 8]}

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.training.loop import teacher_weights
 from pipeline.core.errors import run_cli
 from pipeline.core.runs import RunPaths
+from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.train import main
+from pipeline.training.run_data import teacher_weights
 
 TIMEOUT = 180  # seconds, for a subprocess that should take ~10
 
