@@ -73,6 +73,37 @@ class DistillParams:
     labelled_only: bool = True  # average the KL over labelled pixels only (void, padding: out)
 
 
+# How training draws its frames and crops (``sampling.frames`` / ``sampling.crops``):
+# ``uniform`` is the plain epoch stream and crop; ``rare`` favours rare classes (see
+# :class:`pipeline.data.dataset.ClassDraw`).
+RARE = "rare"
+SAMPLING_MODES = ("uniform", RARE)
+
+
+@dataclass
+class SamplingParams:
+    """Class-aware sampling (DAFormer's rare class sampling, nnU-Net's forced foreground)."""
+
+    frames: str = "uniform"     # uniform | rare: draw a class by rarity, then a frame holding it
+    temperature: float = 0.01   # p(class) ~ exp((1 - pixel share) / temperature)
+    crops: str = "uniform"      # uniform | rare: crop_share of crops hold a pixel of a drawn class
+    crop_share: float = 0.5     # of the crops, with crops: rare
+
+    @property
+    def rare_frames(self) -> bool:
+        return self.frames == RARE
+
+    @property
+    def rare_crop_share(self) -> float:
+        """The share of crops that hold their class (0 with uniform crops)."""
+        return self.crop_share if self.crops == RARE else 0.0
+
+    @property
+    def uniform(self) -> bool:
+        """Today's stream: uniform frames and crops (no class draws at all)."""
+        return not self.rare_frames and self.rare_crop_share == 0.0
+
+
 @dataclass
 class ModelParams:
     """One named model config (``models.<name>`` in params.yaml)."""
@@ -94,13 +125,18 @@ class ModelParams:
     swa: dict = field(default_factory=dict)
     logit_adjust: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
     grad_clip: float = 0.0       # max global grad norm; 0 = off
     amp: bool = True             # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True   # on CUDA (ignored on CPU)
 
 
 SUBSECTIONS = {"optimizer": OptimizerParams, "schedule": ScheduleParams, "swa": SwaParams,
-               "logit_adjust": LogitAdjustParams, "distill": DistillParams}
+               "logit_adjust": LogitAdjustParams, "distill": DistillParams,
+               "sampling": SamplingParams}
+# run-config sections newer than some checkpoints: a last.pt saved without one ran with its
+# defaults (which reproduce the older code exactly), so resuming it stays allowed
+ADDED_SECTIONS = ("sampling",)
 
 
 @dataclass
@@ -129,6 +165,7 @@ class RunConfig:
     swa: SwaParams
     logit_adjust: LogitAdjustParams
     distill: DistillParams
+    sampling: SamplingParams
 
     def to_dict(self) -> dict:
         """Plain, JSON-able resolved config (what checkpoints store)."""
@@ -169,6 +206,18 @@ def _check(cfg: RunConfig, source: str) -> None:
                             f"be below iters ({m.iters})")
     if cfg.distill.teacher and cfg.distill.teacher == cfg.name:
         raise PipelineError(f"{where}.distill.teacher: a config cannot distill from itself")
+    _check_sampling(cfg.sampling, f"{where}.sampling")
+
+
+def _check_sampling(s: SamplingParams, where: str) -> None:
+    for key in ("frames", "crops"):
+        if getattr(s, key) not in SAMPLING_MODES:
+            raise PipelineError(f"{where}.{key}: "
+                                f"{unknown_name('sampling mode', getattr(s, key), SAMPLING_MODES)}")
+    if not s.temperature > 0:
+        raise PipelineError(f"{where}.temperature must be > 0, got {s.temperature}")
+    if not 0.0 <= s.crop_share <= 1.0:
+        raise PipelineError(f"{where}.crop_share must be in [0, 1], got {s.crop_share}")
 
 
 def load_model_params(name: str, params_path: str | Path = "params.yaml") -> RunConfig:

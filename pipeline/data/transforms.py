@@ -10,6 +10,10 @@ Every pipeline takes ``image`` (HxWx3 uint8 RGB) and optionally ``mask`` (HxW ui
 resized with nearest-neighbour interpolation only, so no value that was not in the input appears.
 Randomness comes from the Compose's generators; :mod:`pipeline.data.dataset` reseeds them per
 sample so that augmentation is a function of (seed, sample position).
+
+Class-aware crops: called with ``crop_class=c`` (:data:`CROP_CLASS`, a train id), the training
+crop (:class:`ClassCrop`) holds a pixel of class ``c``, found in the mask after the rescale and
+the pad; without it the crop is albumentations' ``RandomCrop``, draw for draw.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.manifest import IGNORE_INDEX
@@ -33,6 +38,47 @@ SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18 / 180
 
 PARAM_KEYS = ("crop", "scale", "hflip", "photometric", "mean", "std", "ignore_index", "val_scale")
+
+CROP_CLASS = "crop_class"  # the transform's input naming the class a training crop must hold
+
+
+def class_window(mask: np.ndarray, cls: int, *, crop_hw: tuple[int, int],
+                 rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """A ``crop_hw`` window ``(x_min, y_min, x_max, y_max)`` of ``mask`` [H, W] that holds a
+    pixel of class ``cls``; None when the mask has none.
+
+    The pixel is drawn uniformly among the class's pixels; the window is centred on it with a
+    jitter of up to half the crop each way (so the pixel may sit anywhere in the window), then
+    clamped inside the mask, which keeps the pixel inside. A mask smaller than the crop gives
+    the window at 0 on that side (the pipeline pads first, as for the uniform crop).
+    """
+    hits = np.flatnonzero(mask == cls)
+    if hits.size == 0:
+        return None
+    height, width = mask.shape[:2]
+    crop_h, crop_w = crop_hw
+    y, x = divmod(int(hits[rng.integers(hits.size)]), width)
+    y0 = min(max(y - int(rng.integers(crop_h)), 0), max(height - crop_h, 0))
+    x0 = min(max(x - int(rng.integers(crop_w)), 0), max(width - crop_w, 0))
+    return x0, y0, x0 + crop_w, y0 + crop_h
+
+
+class ClassCrop(A.RandomCrop):
+    """``RandomCrop`` that, given ``crop_class=c`` with the data, crops a window holding a pixel
+    of class ``c`` (:func:`class_window`, from the transform's numpy generator).
+
+    Without ``crop_class``, or when rescaling left no pixel of ``c`` (a sliver shrunk away), it
+    is ``RandomCrop`` itself: the same draws and the same window.
+    """
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        cls, mask = data.get(CROP_CLASS), data.get("mask")
+        if cls is not None and cls >= 0 and mask is not None:
+            window = class_window(mask, int(cls), crop_hw=(self.height, self.width),
+                                  rng=self.random_generator)
+            if window is not None:
+                return {"crop_coords": window, "pad_params": None}
+        return super().get_params_dependent_on_data(params, data)
 
 
 def photometric_distortion(p: float = 0.5) -> list[A.BasicTransform]:
@@ -61,7 +107,8 @@ def train_transform(*, crop_hw: tuple[int, int], scale_range: tuple[float, float
 
     Steps: rescale by a factor drawn uniformly from ``scale_range`` (image bilinear, mask nearest),
     pad (centred) to at least the crop with image 0 and mask
-    ``ignore_index``, random crop, horizontal flip with probability ``hflip_p``, photometric
+    ``ignore_index``, random crop (:class:`ClassCrop`: one holding class ``crop_class`` when the
+    call passes it), horizontal flip with probability ``hflip_p``, photometric
     distortion (optional), normalise with ``mean``/``std`` given as fractions of 255.
     Output: image [crop_h, crop_w, 3] float32, mask [crop_h, crop_w] uint8.
     """
@@ -73,7 +120,7 @@ def train_transform(*, crop_hw: tuple[int, int], scale_range: tuple[float, float
                       mask_interpolation=cv2.INTER_NEAREST, p=1.0),
         A.PadIfNeeded(min_height=crop_h, min_width=crop_w, border_mode=cv2.BORDER_CONSTANT,
                       fill=0, fill_mask=ignore_index),
-        A.RandomCrop(height=crop_h, width=crop_w),
+        ClassCrop(height=crop_h, width=crop_w),
         A.HorizontalFlip(p=hflip_p),
     ]
     if photometric:

@@ -2,9 +2,10 @@
 
 Everything that decides a run's result is a function of (config, fold, seed, data) and of the
 state saved in ``train/last.pt``: model, optimizer, scheduler, RNG states and the iteration.
-Batches depend only on (seed, iteration) (see :mod:`pipeline.data.dataset`), so killing a run
-and re-running the same command continues from the last checkpoint and, on the CPU with
-deterministic settings, ends with the same weights as an uninterrupted run.
+Batches depend only on (seed, iteration) (see :mod:`pipeline.data.dataset`; with class-aware
+``models.<name>.sampling`` too), so killing a run and re-running the same command continues
+from the last checkpoint and, on the CPU with deterministic settings, ends with the same
+weights as an uninterrupted run.
 
 A run resumes only what it began (:mod:`pipeline.training.resume`): its checkpoints record the
 config and the digests of the data it learns from (:mod:`pipeline.training.provenance`). When
@@ -29,7 +30,7 @@ from pipeline.core import atomic
 from pipeline.core.device import Dist
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunConfig, RunPaths
-from pipeline.data.dataset import SegmentationDataset, build_eval_loader, build_loader
+from pipeline.data.dataset import ClassDraw, SegmentationDataset, build_eval_loader, build_loader
 from pipeline.data.manifest import ClassInfo
 from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.evaluation.metrics import iou_per_class, mean_iou, pixel_accuracy
@@ -90,6 +91,15 @@ def _datasets(cfg: RunConfig, data: RunData
     return train_ds, val_ds
 
 
+def _class_draw(cfg: RunConfig, data: RunData) -> ClassDraw | None:
+    """The run's class-aware frame and crop draws over its training frames (None: uniform)."""
+    s = cfg.sampling
+    if s.uniform:
+        return None
+    return ClassDraw(data.train_counts, temperature=s.temperature, rare_frames=s.rare_frames,
+                     crop_share=s.rare_crop_share)
+
+
 def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
              val_ds: SegmentationDataset | None, *, start: int, resumed: bool, num_workers: int,
              progress: bool) -> None:
@@ -102,7 +112,8 @@ def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
     it = start
     saved_at = start if resumed else None
     loader = build_loader(train_ds, batch_size=run.batch, num_workers=num_workers, seed=run.seed,
-                          start_iter=start, rank=dist.rank, world_size=dist.world_size)
+                          start_iter=start, rank=dist.rank, world_size=dist.world_size,
+                          class_draw=_class_draw(cfg, run.data))
     batches = iter(loader)
     bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
                disable=(not progress or not dist.is_main) or None, mininterval=1.0)

@@ -1,19 +1,21 @@
 """Whether a run continues from its ``train/last.pt``, and the run folder a (re)start leaves.
 
 ``last.pt`` continues the run when it was saved with the same config (run, fold, seed, model
-spec; floats up to rounding) and the same data digests (:mod:`pipeline.training.provenance`);
+spec; floats up to rounding; a run-config section newer than the checkpoint counts as its
+defaults, see ``ADDED_SECTIONS``) and the same data digests (:mod:`pipeline.training.provenance`);
 the run then restores model, optimizer, scheduler, RNG states and validation scores from it.
 Otherwise the run starts over, says why in one line, and keeps nothing of the earlier run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from typing import Any
 
 from pipeline.core import atomic
-from pipeline.core.runs import RunPaths
+from pipeline.core.runs import ADDED_SECTIONS, SUBSECTIONS, RunPaths
 from pipeline.models.checkpoint import load_checkpoint, restore_training_state
 from pipeline.training.logs import truncate_log
 from pipeline.training.provenance import data_change
@@ -33,7 +35,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _compatible(ckpt: dict, config: dict) -> bool:
-    saved = ckpt.get("config") or {}
+    saved = dict(ckpt.get("config") or {})
+    run, now = saved.get("run"), config.get("run")
+    if isinstance(run, dict) and isinstance(now, dict):  # saved before a section existed:
+        saved["run"] = {**{k: dataclasses.asdict(SUBSECTIONS[k]()) for k in ADDED_SECTIONS
+                           if k in now and k not in run}, **run}  # it ran with the defaults
     return all(_same(saved.get(k), config[k]) for k in ("run", "fold", "seed", "model"))
 
 

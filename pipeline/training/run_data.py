@@ -2,7 +2,8 @@
 
 :func:`load_run_data` splits the prepared frames by ``folds.csv`` (every fold but ``fold``
 trains, ``fold`` validates; ``"all"`` trains on everything and validates on nothing) and sums
-the training frames' class pixels into the prior that logit adjustment uses.
+the training frames' class pixels into the prior that logit adjustment uses; it keeps each
+training frame's class pixels for class-aware sampling (training folds only, like the prior).
 :func:`teacher_weights` finds the checkpoint a distillation student learns from.
 """
 
@@ -27,6 +28,7 @@ class RunData:
     val_frames: list[Frame]
     classes: ClassInfo
     prior_counts: np.ndarray  # int64 [C]: pixels per class over the training frames
+    train_counts: np.ndarray  # int64 [len(train_frames), C]: each training frame's class pixels
 
 
 def teacher_weights(teacher: str, *, runs_dir: Path, fold: int | str, seed: int) -> Path:
@@ -68,9 +70,13 @@ def load_run_data(*, manifest: Path, classes_path: Path, counts_path: Path, fold
     row = {i: k for k, i in enumerate(ids)}
     rows = [row[i] for i in train_ids if i in row]
     prior = counts[rows].sum(axis=0) if rows else np.zeros(classes.num_classes, dtype=np.int64)
+    # a frame missing from the counts holds no class for class-aware sampling (never drawn by one)
+    train_counts = np.zeros((len(train_ids), counts.shape[1]), dtype=np.int64)
+    train_counts[[k for k, i in enumerate(train_ids) if i in row]] = counts[rows]
     if prior.sum() <= 0:  # would "train" to the end on a loss of 0 and write a best.pt
         raise PipelineError(f"{counts_path}: the {len(train_ids)} training frame(s) of --fold "
                             f"{fold} have no labelled pixel (all void): nothing to learn from; "
                             f"check their masks and the lookup table of {classes_path}")
     return RunData(train_frames=[frames[i] for i in train_ids],
-                   val_frames=[frames[i] for i in val_ids], classes=classes, prior_counts=prior)
+                   val_frames=[frames[i] for i in val_ids], classes=classes, prior_counts=prior,
+                   train_counts=train_counts)

@@ -1,6 +1,7 @@
 """Resuming a run (pipeline.training.resume) in process: an interrupted run ends as an
-uninterrupted one, a finished one is a no-op, another config starts over, float rounding of
-the stored config does not."""
+uninterrupted one (with class-aware sampling too), a finished one is a no-op, another config
+(another sampling too) starts over, float rounding of the stored config and a checkpoint older
+than the sampling section do not."""
 
 from __future__ import annotations
 
@@ -116,3 +117,51 @@ def test_swa_snapshots_and_average_go_on_a_fresh_start(demo_workspace, tmp_path,
     assert not paths.swa.exists() and not paths.snapshots.exists()
 
 
+
+
+# ----------------------------------------------------------------------------- class-aware sampling
+RARE_SAMPLING = {"frames": "rare", "temperature": 0.5, "crops": "rare", "crop_share": 0.5}
+
+
+def test_rare_sampling_resumes_its_stream_and_another_sampling_starts_over(
+        demo_workspace, tmp_path, monkeypatch, capsys):
+    ws = demo_workspace
+    cfg = _cfg(ws, sampling=RARE_SAMPLING, swa={"iters": 0})  # 8 iterations, checkpoint every 2
+    a, _ = _train(ws, cfg, tmp_path / "a")
+    assert load_checkpoint(a.last)["config"]["run"]["sampling"] == RARE_SAMPLING
+
+    def interrupt(call, loss, parts):
+        if call == 5:  # iteration 6 of 8: last.pt holds iteration 4
+            raise KeyboardInterrupt
+        return loss, parts
+
+    with monkeypatch.context() as patch:
+        _loss_hook(patch, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _train(ws, cfg, tmp_path / "b")
+    b = RunPaths(tmp_path / "b" / a.root.name)
+    assert load_checkpoint(b.last)["iteration"] == 4
+    capsys.readouterr()
+    _train(ws, cfg, tmp_path / "b")
+    assert f"resuming {a.root.name} from iteration 4/8" in capsys.readouterr().out
+    _assert_same_tensors(load_checkpoint(b.last)["model"], load_checkpoint(a.last)["model"])
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b.log)] == \
+           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a.log)]
+
+    # the uniform default in the same folder is another run, on another stream
+    _train(ws, _cfg(ws, swa={"iters": 0}), tmp_path / "b")
+    assert f"{b.last}: saved with another config; starting {b.root.name} over" in \
+        capsys.readouterr().out
+    assert [r["loss"] for r in _rows(b.log)] != [r["loss"] for r in _rows(a.log)]
+
+
+def test_checkpoint_from_before_sampling_resumes_under_the_default(demo_workspace):
+    """last.pt files written before ``sampling`` existed ran uniform, as the default does now:
+    a finished run is not trained again, while a rare-sampling config starts over."""
+    ws = demo_workspace
+    config = {"run": _cfg(ws).to_dict(), "fold": 0, "seed": 0, "model": {"arch": "unet"}}
+    older = {"config": {**config, "run": {k: v for k, v in config["run"].items()
+                                          if k != "sampling"}}}
+    assert _compatible(older, config) and _compatible({"config": config}, config)
+    rare = {**config, "run": _cfg(ws, sampling=RARE_SAMPLING).to_dict()}
+    assert not _compatible(older, rare) and not _compatible({"config": config}, rare)
