@@ -125,9 +125,15 @@ def _la_on(config: Mapping[str, Any]) -> bool:
     return bool((config.get("logit_adjust") or {}).get("enabled", False))
 
 
+def _rare_sampling(config: Mapping[str, Any]) -> bool:
+    sampling = config.get("sampling") or {}
+    return "rare" in (sampling.get("frames"), sampling.get("crops"))
+
+
 SWITCHES = {  # technique -> (is it on in this config?, the config with the switch neutralised)
     "logit adjustment": (_la_on, lambda c: _strip(c, ("logit_adjust",))),
     "OHEM": (_uses_ohem, lambda c: {**c, "loss": _ohem_free(c)}),
+    "rare-class sampling": (_rare_sampling, lambda c: _strip(c, ("sampling",))),
 }
 
 

@@ -118,3 +118,16 @@ def test_markdown_states_the_band_and_every_verdict():
     assert "noise band +/- 2.00 points" in text and "noise band +/- 3.00 points" in text
     assert "| SWA vs last | unet_s0 | 40.00 | 43.00 | +3.00 | helps |" in text
     assert text.count("| not measured") >= 1
+
+
+def test_rare_sampling_pairs_configs_that_differ_only_in_sampling():
+    rare = {**MODELS["unet"], "sampling": {"frames": "rare", "temperature": 0.01}}
+    crops = {**MODELS["unet"], "sampling": {"frames": "uniform", "crops": "rare", "crop_share": 0.5}}
+    uniform = {**MODELS["unet"], "sampling": {"frames": "uniform", "crops": "uniform"}}
+    models = {**MODELS, "unet_rare": rare, "unet_crops": crops, "unet_uniform": uniform}
+    pairs = switch_pairs(models, "rare-class sampling")
+    # each rare config pairs with both uniform twins (explicit uniform, or no section at all)
+    assert pairs == [("unet_crops", "unet"), ("unet_crops", "unet_uniform"),
+                     ("unet_rare", "unet"), ("unet_rare", "unet_uniform")]
+    other = {**rare, "iters": 999}  # differs in more than sampling: no pair
+    assert switch_pairs({"a": other, "unet": MODELS["unet"]}, "rare-class sampling") == []
