@@ -10,28 +10,14 @@ Re-running after an interruption keeps the maps already written.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import run_cli
-from pipeline.core.names import MAP_SPLITS
 from pipeline.core.params import load_section
-from pipeline.inference.runner import infer_run
+from pipeline.inference.runner import InferParams, infer_run
 from pipeline.inference.tta import tta_from_params
-
-
-@dataclass
-class InferParams:
-    tta: dict = field(default_factory=dict)   # keys of pipeline.inference.tta.TTAConfig; {} = defaults
-    quant: str = "uint8"                       # uint8 | float16
-    stride: int = 1                            # keep every stride-th row/column of the maps
-    splits: list = field(default_factory=lambda: list(MAP_SPLITS))
-    compare_single: bool = True                # also score OOF with one plain view
-    device: str = "auto"
-    num_workers: int = 0
-    out: str = "oof_preds"
 
 
 def _pct(value: float | None) -> str:

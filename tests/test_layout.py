@@ -28,7 +28,7 @@ ALLOWED = {
     "inference": {"core", "data", "models", "evaluation"},
     "ensembling": {"core", "data", "evaluation", "inference"},
     "reporting": {"core", "data", "evaluation", "inference", "ensembling", "submission"},
-    "launch": {"core"},
+    "launch": {"core", "data", "models", "inference"},  # the cost plan: frames, weights, TTA
 }
 MAX_STAGE_LINES = 120    # an argparse front over one library call
 MAX_MODULE_LINES = 400   # longer only with the reason at the top ("long because ...")

@@ -52,6 +52,18 @@ DEFAULT_COMPRESS = {"uint8": 1, "float16": 0}   # zip deflate level per quant; 0
 PROB_EPS = 1e-3               # tolerance on [0, 1] before a map is taken for logits
 
 
+def stored_bytes(*, classes: int, height: int, width: int, stride: int = 1,
+                 quant: str = "uint8") -> int:
+    """Bytes of the ``probs`` codes of one map of a ``height`` x ``width`` frame: ``classes`` x
+    ceil(height / stride) x ceil(width / stride) x (1 for uint8, 2 for float16): the file before
+    compression, less its tie list and header (a few hundred bytes and ~0.1 % of the pixels x 5
+    bytes); uint8 files are deflated to about a third of it (module docstring)."""
+    if quant not in QUANTS or stride < 1:
+        raise PipelineError(f"quant must be one of {', '.join(QUANTS)} and stride >= 1, got "
+                            f"{quant!r} and {stride!r}")
+    return classes * -(-height // stride) * -(-width // stride) * np.dtype(quant).itemsize
+
+
 def _label_dtype(num_classes: int) -> type:
     return np.uint8 if num_classes <= 255 else np.uint16  # 255 stays free for "void"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,13 +30,27 @@ from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest
 from pipeline.data.splits import train_val_ids
 from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
-from pipeline.inference.mapfile import EXT, read_labels, read_probs, write_probs
+from pipeline.inference.mapfile import EXT, read_labels, read_probs, stored_bytes, write_probs
 from pipeline.inference.members import map_path, run_map_dir, write_run_meta
 from pipeline.inference.tta import TTAConfig, predict_probs_and_plain
 from pipeline.models.checkpoint import model_from_checkpoint
 from pipeline.models.predict import predict_logits
 
 FINGERPRINT = ".fingerprint.json"
+
+
+@dataclass
+class InferParams:
+    """The ``infer:`` section of params.yaml (read by infer.py and by the launcher's cost plan)."""
+
+    tta: dict = field(default_factory=dict)   # keys of pipeline.inference.tta.TTAConfig; {} = defaults
+    quant: str = "uint8"                       # uint8 | float16
+    stride: int = 1                            # keep every stride-th row/column of the maps
+    splits: list = field(default_factory=lambda: list(MAP_SPLITS))
+    compare_single: bool = True                # also score OOF with one plain view
+    device: str = "auto"
+    num_workers: int = 0
+    out: str = "oof_preds"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -49,9 +63,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def estimate_map_bytes(frames: Sequence[Frame], *, num_classes: int, quant: str, stride: int) -> int:
     """Upper bound of the bytes the maps of ``frames`` take (uncompressed codes)."""
-    per_value = 1 if quant == "uint8" else 2
-    return sum(num_classes * -(-f.height // stride) * -(-f.width // stride) * per_value
-               for f in frames)
+    return sum(stored_bytes(classes=num_classes, height=f.height, width=f.width, stride=stride,
+                            quant=quant) for f in frames)
 
 
 def check_disk(directory: Path, need: int, *, margin: float = 1.1) -> None:

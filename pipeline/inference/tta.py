@@ -144,6 +144,26 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(n)]
 
 
+def window_count(size_hw: tuple[int, int], *, crop_hw: tuple[int, int] | None,
+                 overlap: float) -> int:
+    """Forwards :func:`_view_logits` makes for one view of ``size_hw`` (H, W): 1 when it fits
+    in ``crop_hw`` (or there is none), else the windows of :func:`sliding_window`."""
+    h, w = size_hw
+    if crop_hw is None or (h <= crop_hw[0] and w <= crop_hw[1]):
+        return 1
+    stride = [max(1, round(c * (1 - overlap))) for c in crop_hw]
+    return (len(window_starts(h, min(crop_hw[0], h), stride[0]))
+            * len(window_starts(w, min(crop_hw[1], w), stride[1])))
+
+
+def forward_passes(size_hw: tuple[int, int], *, tta: TTAConfig) -> int:
+    """Images (views or windows) the network sees to predict one frame of ``size_hw`` with
+    :func:`predict_probs_and_plain`: sum over scales of (2 with flip, else 1) x windows."""
+    kinds = 2 if tta.flip else 1
+    return sum(kinds * window_count(scaled_size(tuple(size_hw), s), crop_hw=tta.crop_hw,
+                                    overlap=tta.overlap) for s in tta.scales)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

@@ -21,8 +21,9 @@ from pipeline.ensemble import EnsembleParams
 from pipeline.ensembling.params import parse_grid, parse_groups
 from pipeline.evaluate import EvaluateParams
 from pipeline.folds import FoldsParams
-from pipeline.infer import InferParams
+from pipeline.inference.runner import InferParams
 from pipeline.inference.tta import tta_from_params
+from pipeline.launch.plan import PlanParams
 from pipeline.models.build import _check_arch_kwargs, _check_encoder, list_archs
 from pipeline.prepare import PrepareParams
 from pipeline.submission.formats import get_format
@@ -64,6 +65,7 @@ def test_every_section_loads_with_its_stage_schema(path):
     if submit.format != "auto":
         get_format(submit.format, dataset=prepare.dataset)
     load_section(EvaluateParams, "evaluate", path)
+    load_section(PlanParams, "plan", path)  # optional: absent means the defaults
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
