@@ -17,7 +17,7 @@ auxiliary; uint8 probstore maps over 2 folds. Side by side in one run:
   (b) the full search of ``pipeline/ensemble.py --search`` (auto groups ranked by the confusion
       matrices that inference stores in meta.json; the grid pass over 21 x 21 points, which
       also scores the best member and the uniform mean and leaves compact label records;
-      Optuna with its SQLite study, opened during the grid pass when there are workers; the
+      Optuna with its journal-file study, opened during the grid pass when there are workers; the
       fused rows rebuilt from the records and the heatmap, on the workers while the study
       runs; outputs), with ``--workers`` processes and with 1 (phases timed: with one worker
       they run one after the other in this process);
@@ -37,6 +37,10 @@ made under the same load only:
       trial vs ours 0.012 s (~110 x); an unchanged re-run takes 0.5 s. Before (the fused rows'
       own read pass and every member's row in the grid pass), same load: 7.3-7.7 x with 2
       workers, 6.0 x with 1 (grid pass 3.2 x, fused-rows pass 1.4 x, Optuna 1.1 x).
+  2026-12-01, the study in an Optuna journal file instead of SQLite, both cores busy with two
+      training jobs (a noisier load: (a) 1.8-3.0 s): (b) 4.33 x and 7.08 x with 2 workers,
+      3.29 x and 5.64 x with 1 (read passes 2.47 x / 3.99 x, Optuna study 0.19 x / 0.49 x);
+      with SQLite under that load: 8.47 x with 2 workers, 10.70 x with 1, Optuna 5.11 x.
   --no-meta-cm: one more pass (ranking the members, 1.8 x) before the grid pass.
   --frames 400 --videos 20 --height 192 --width 256: (a) 4.8 s; (b) 18.5 s with 2 workers
       (3.8 x), 17.0 s with 1 (grid pass 3.1 x, fused rows from records 0.09 x, Optuna 0.2 x);

@@ -16,7 +16,8 @@ beta P_A (VSPW 2021, 5th place: 57.26 best single -> 58.01 P_S -> 58.50 +W -> 61
 ``--search`` scores every (alpha, beta) of the grid in one streaming pass over the OOF maps
 (:func:`pipeline.ensembling.passes.score_pass`, which also scores the best member and the uniform mean),
 then records them in an Optuna study, one complete trial per grid point in grid order; the
-study lives in ``<out>/study.db`` (SQLite) and resumes. The fused rows of the table (P_S,
+study lives in ``<out>/study.journal`` (Optuna's JournalStorage, file backend; weights.json
+says how to open it) and resumes. The fused rows of the table (P_S,
 P_S + alpha P_W, the best point) need label maps for their video consistency: the grid pass
 leaves compact label records (temporary, under ``<out>``) from which they are rebuilt exactly,
 on the workers while the study runs, without reading a map again. Members are ranked by the

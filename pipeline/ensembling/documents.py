@@ -14,7 +14,7 @@ from pipeline.core.names import BEST_SINGLE, ENSEMBLE_ROWS
 from pipeline.ensembling.fit import Fit
 from pipeline.ensembling.groups import member_model
 from pipeline.ensembling.inputs import SearchInputs, meta_digest
-from pipeline.ensembling.study import STUDY_DB, STUDY_NAME
+from pipeline.ensembling.study import STUDY_FILE, STUDY_NAME, open_code
 from pipeline.ensembling.testmaps import member_test_weights
 from pipeline.evaluation.metrics import mean_iou
 
@@ -107,5 +107,12 @@ def weights_doc(fit: Fit, inputs: SearchInputs, *, use_single: bool,
             "members": {n: {"group": applied_of[n], "oof_mIoU": _num(member_miou[n]),
                             "meta_sha": meta_digest(by_name[n]),
                             "test_weights": mixes[n]} for n in sorted(applied_of)},
-            "study": {"storage": f"sqlite:///{(out_dir / STUDY_DB).as_posix()}",
-                      "name": STUDY_NAME, "trials": len(fit.trials)}}
+            "study": study_doc(out_dir / STUDY_FILE, trials=len(fit.trials))}
+
+
+def study_doc(path: Path, *, trials: int) -> dict[str, Any]:
+    """weights.json's ``study``: the journal file of the Optuna study (Optuna's
+    ``JournalStorage`` with a file backend), its name, its trials and the Python that opens
+    it."""
+    return {"journal": path.as_posix(), "study_name": STUDY_NAME, "trials": trials,
+            "open": open_code(path.as_posix())}

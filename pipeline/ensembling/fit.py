@@ -32,7 +32,7 @@ from pipeline.ensembling.groups import Grouping, best_member
 from pipeline.ensembling.inputs import check_meta_confusions, meta_confusions
 from pipeline.ensembling.passes import OofSource
 from pipeline.ensembling.records import fused_rows_tasks, merge_rows
-from pipeline.ensembling.study import STUDY_DB, OpenStudy, StudyOpening, work_path
+from pipeline.ensembling.study import STUDY_FILE, OpenStudy, StudyOpening, leftovers
 from pipeline.evaluation.metrics import mean_iou
 
 RECORDS = ".grid_records-"   # temp folder prefix (under the output folder) of the label records
@@ -175,7 +175,7 @@ def record_study(opening: StudyOpening, *, scores: Mapping[tuple[float, float], 
     """Record the grid's ``scores`` in its study (:func:`~pipeline.ensembling.study.run_study`,
     not committed yet); returns the study's complete trials."""
     handle = opening.get(*grid)
-    trials = study.run_study(scores=scores, alphas=grid[0], betas=grid[1], db=opening.db,
+    trials = study.run_study(scores=scores, alphas=grid[0], betas=grid[1], file=opening.file,
                              fingerprint=opening.fingerprint, opened=handle, commit=False)
     print(f"study: {len(trials)} grid points, {len(trials) - len(handle.done)} new", flush=True)
     return trials
@@ -223,14 +223,14 @@ def best_fit(scored: Scored, *, source: OofSource, frames: Sequence[Frame], grou
                alpha_sw=alpha_sw, chosen=chosen, single=single, grid=grid)
 
 
-def remove_leftovers(out_dir: Path, *, db: Path, fingerprint: str) -> None:
-    """What a killed search left in ``out_dir`` that no search resumes: its label records, and
-    the unfinished new study of other inputs than ``fingerprint``'s."""
+def remove_leftovers(out_dir: Path, *, file: Path, fingerprint: str) -> None:
+    """What a killed search left in ``out_dir`` that no search resumes: its label records, the
+    unfinished new study of other inputs than ``fingerprint``'s and the journal's lock files
+    on work files (:func:`~pipeline.ensembling.study.leftovers`)."""
     for stale in out_dir.glob(f"{RECORDS}*"):  # label records of a search that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in out_dir.glob(f".{STUDY_DB}.*.tmp"):  # a new study of other inputs, unfinished
-        if stale != work_path(db, fingerprint):
-            stale.unlink(missing_ok=True)
+    for stale in leftovers(file, fingerprint):
+        stale.unlink(missing_ok=True)
 
 
 def fit_weights(source: OofSource, frames: Sequence[Frame], *, grouping: Grouping, fp: str,
@@ -240,10 +240,10 @@ def fit_weights(source: OofSource, frames: Sequence[Frame], *, grouping: Groupin
     """The passes, the study and the table's rows of a search (see the module docstring), with
     the search lock held; a new study stays in its work file (``Fit.handle``) until the caller
     commits it. A search that fails removes the work file it created and its label records."""
-    db = out_dir / STUDY_DB
-    remove_leftovers(out_dir, db=db, fingerprint=fp)
+    file = out_dir / STUDY_FILE
+    remove_leftovers(out_dir, file=file, fingerprint=fp)
     # with workers, this process only waits during the grid pass: it opens the study then
-    opening = StudyOpening(db=db, fingerprint=fp, background=run["workers"] > 1)
+    opening = StudyOpening(file=file, fingerprint=fp, background=run["workers"] > 1)
     record_dir = None
     try:
         cached = load_cache(out_dir / CACHE, fp)

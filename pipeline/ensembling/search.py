@@ -24,7 +24,7 @@ from pipeline.ensembling.lock import search_lock
 from pipeline.ensembling.outputs import CONFUSION, MEMBERS, METRICS, WEIGHTS
 from pipeline.ensembling.params import is_number, parse_grid
 from pipeline.ensembling.passes import OofSource
-from pipeline.ensembling.study import STUDY_DB
+from pipeline.ensembling.study import STUDY_FILE
 
 FALLBACKS = (BEST_SINGLE, "none")
 
@@ -46,13 +46,14 @@ def check_settings(alphas: Sequence[float] | None, betas: Sequence[float] | None
 
 
 def write_outputs(out_dir: Path, docs: Documents, fit: Fit) -> None:
-    """The documents, and the study committed onto ``out_dir/study.db``, weights.json last."""
+    """The documents, and the study committed onto ``out_dir/study.journal``, weights.json
+    last."""
     atomic.write_json(out_dir / MEMBERS, docs.members)
     atomic.write_json(out_dir / CONFUSION, docs.confusion)
     atomic.write_json(out_dir / METRICS, docs.metrics)
-    replaced = (out_dir / STUDY_DB).exists()
+    replaced = (out_dir / STUDY_FILE).exists()
     if fit.handle.commit() and replaced:  # the earlier study is kept until this one is complete
-        print(f"{out_dir / STUDY_DB}: the study of other inputs is replaced by this one "
+        print(f"{out_dir / STUDY_FILE}: the study of other inputs is replaced by this one "
               f"({len(fit.trials)} trials)")
     atomic.write_json(out_dir / WEIGHTS, docs.weights)  # last: a search killed before resumes
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ from pipeline.ensembling.groups import resolve_groups
 from pipeline.ensembling.lock import search_lock
 from pipeline.ensembling.params import parse_grid
 from pipeline.ensembling.search import search_ensemble
-from pipeline.ensembling.study import STUDY_DB, STUDY_NAME, open_study, run_study
+from pipeline.ensembling.fit import remove_leftovers
+from pipeline.ensembling.study import STUDY_FILE, STUDY_NAME, open_study, run_study, work_path
 from pipeline.evaluation.metrics import confusion_matrix, mean_iou
 from pipeline.inference.mapfile import write_probs
 from pipeline.inference.members import list_members, run_map_dir, write_run_meta
@@ -150,6 +150,21 @@ def _brute_force(ws, alpha, beta) -> float:
     return mean_iou(cm)
 
 
+def journal(path: Path):
+    """Optuna's own JournalStorage on the study's journal file (public API; optuna 3.x:
+    JournalFileStorage)."""
+    try:
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:  # optuna < 4.0
+        from optuna.storages import JournalFileStorage as JournalFileBackend
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def load(path: Path) -> optuna.Study:
+    """The study kept in the journal file ``path``, opened with Optuna's own tools."""
+    return optuna.load_study(study_name=STUDY_NAME, storage=journal(path))
+
+
 # ----------------------------------------------------------------------------- search
 def test_search_finds_planted_weights_on_full_grid(tmp_path):
     ws = build(tmp_path, ensemble_params=explicit())
@@ -171,7 +186,7 @@ def test_search_finds_planted_weights_on_full_grid(tmp_path):
         40, 0, False)
     assert metrics["fallback"] is None and weights["fallback"] is None
     out = ws["out"]
-    for name in ("weights.json", "metrics.json", "members.json", "heatmap.png", "study.db",
+    for name in ("weights.json", "metrics.json", "members.json", "heatmap.png", STUDY_FILE,
                  "grid_scores.npz"):
         assert (out / name).is_file(), name
     assert Image.open(out / "heatmap.png").format == "PNG"
@@ -179,15 +194,25 @@ def test_search_finds_planted_weights_on_full_grid(tmp_path):
     assert sorted(confusion) == sorted(ENSEMBLE_ROWS)
     for row in ENSEMBLE_ROWS:  # the matrices behind the table's mIoU
         assert mean_iou(np.asarray(confusion[row])) == metrics[f"{row}_mIoU"]
-    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    study = load(out / STUDY_FILE)
     assert len(study.trials) == 21 * 21 and study.best_value == 1.0
     assert (study.best_params["alpha"], study.best_params["beta"]) == PLANTED
+    assert study.user_attrs == {"fingerprint": weights["fingerprint"],
+                                "grid": {"alpha": GRID, "beta": GRID}}
+    # weights.json says where the study is and how to open it: its Python runs as written
+    assert weights["study"] == {
+        "journal": (out / STUDY_FILE).as_posix(), "study_name": STUDY_NAME, "trials": 21 * 21,
+        "open": f"optuna.load_study(study_name='{STUDY_NAME}', storage=optuna.storages."
+                f"JournalStorage(optuna.storages.journal.JournalFileBackend("
+                f"'{(out / STUDY_FILE).as_posix()}')))"}
+    opened = eval(weights["study"]["open"], {"optuna": optuna})
+    assert [(t.params, t.value) for t in opened.trials] == [
+        (t.params, t.value) for t in study.trials]
 
 
 def test_every_grid_score_equals_brute_force(searched):
     ws, result = searched
-    trials = optuna.load_study(study_name=STUDY_NAME,
-                               storage=f"sqlite:///{ws['out'] / 'study.db'}").trials
+    trials = load(ws["out"] / STUDY_FILE).trials
     assert len(trials) == len(SMALL) ** 2
     assert {(t.params["alpha"], t.params["beta"]) for t in trials} == {
         (a, b) for a in SMALL for b in SMALL}
@@ -292,25 +317,28 @@ def test_empty_groups_fix_their_weight_at_zero(tmp_path):
 
 def test_study_resumes_without_duplicates_and_cache_skips_the_pass(searched, monkeypatch):
     ws, first = searched
-    storage = f"sqlite:///{ws['out'] / 'study.db'}"
-    before = [(t.number, t.params, t.value) for t in optuna.load_study(
-        study_name=STUDY_NAME, storage=storage).trials]
+    path = ws["out"] / STUDY_FILE
+    before = [(t.number, t.params, t.value) for t in load(path).trials]
+    kept = path.read_bytes()
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the grid pass ran again")
 
     monkeypatch.setattr(passes, "score_pass", no_pass)
     again = ensemble.main(argv(ws))
-    after = [(t.number, t.params, t.value) for t in optuna.load_study(
-        study_name=STUDY_NAME, storage=storage).trials]
+    after = [(t.number, t.params, t.value) for t in load(path).trials]
     assert after == before and again["weights"] == first["weights"]
+    assert path.read_bytes() == kept  # a complete study of the same inputs: nothing written
     # a changed map changes the fingerprint: the pass runs and the study starts over
     monkeypatch.undo()
-    path = run_map_dir(ws["oof"], "weak_s0", 0) / "oof" / "v0_03.npz"
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = run_map_dir(ws["oof"], "weak_s0", 0) / "oof" / "v0_03.npz"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     third = ensemble.main(argv(ws))
     assert third["weights"]["fingerprint"] != first["weights"]["fingerprint"]
-    assert len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) == 25
+    study = load(path)
+    assert len(study.trials) == 25
+    assert study.user_attrs["fingerprint"] == third["weights"]["fingerprint"]
+    assert sorted(p.name for p in ws["out"].iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_kept_study_with_other_values_decides_the_weights(searched, monkeypatch):
@@ -318,12 +346,18 @@ def test_a_kept_study_with_other_values_decides_the_weights(searched, monkeypatc
     # scores: its best point is the one used, and the table's rows follow it
     ws, first = searched
     assert (first["weights"]["alpha"], first["weights"]["beta"]) == PLANTED
-    with sqlite3.connect(ws["out"] / "study.db") as db:
-        trial = db.execute("SELECT t.trial_id FROM trials t JOIN trial_params a ON "
-                           "a.trial_id = t.trial_id AND a.param_name = 'alpha' JOIN trial_params "
-                           "b ON b.trial_id = t.trial_id AND b.param_name = 'beta' WHERE "
-                           "a.param_value = 0.4 AND b.param_value = 0.9").fetchone()[0]
-        db.execute("UPDATE trial_values SET value = 2.0 WHERE trial_id = ?", (trial,))
+    # the same study rewritten with Optuna's public API, one value changed
+    path = ws["out"] / STUDY_FILE
+    kept = load(path)
+    path.unlink()
+    other = optuna.create_study(study_name=STUDY_NAME, storage=journal(path),
+                                direction="maximize")
+    for key, value in kept.user_attrs.items():
+        other.set_user_attr(key, value)
+    other.add_trials([optuna.trial.create_trial(
+        params=t.params, distributions=t.distributions,
+        value=2.0 if (t.params["alpha"], t.params["beta"]) == (0.4, 0.9) else t.value)
+        for t in kept.trials])
     result = ensemble.main(argv(ws))
     weights, metrics = result["weights"], result["metrics"]
     assert (weights["alpha"], weights["beta"], weights["oof_mIoU"]) == (0.4, 0.9, 2.0)
@@ -333,21 +367,21 @@ def test_a_kept_study_with_other_values_decides_the_weights(searched, monkeypatc
 
 def test_run_study_continues_a_partial_study(tmp_path):
     scores = {(a, b): -abs(a - 1) - abs(b - 0.4) for a in SMALL for b in SMALL}
-    db = tmp_path / "study.db"
-    storage = f"sqlite:///{db}"
-    partial = optuna.create_study(study_name=STUDY_NAME, storage=storage,
+    file = tmp_path / STUDY_FILE
+    partial = optuna.create_study(study_name=STUDY_NAME, storage=journal(file),
                                   direction="maximize",
                                   sampler=optuna.samplers.GridSampler({"alpha": SMALL, "beta": SMALL}))
     partial.set_user_attr("fingerprint", "fp")
     partial.optimize(lambda t: scores[(t.suggest_float("alpha", 0, 1.1),
                                        t.suggest_float("beta", 0, 1.1))], n_trials=6)
-    trials = run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db, fingerprint="fp")
+    trials = run_study(scores=scores, alphas=SMALL, betas=SMALL, file=file, fingerprint="fp")
     assert len(trials) == 25
     assert len({(t.params["alpha"], t.params["beta"]) for t in trials}) == 25
     assert best_point([(t.params["alpha"], t.params["beta"], t.value) for t in trials]) \
         == (1.0, 0.4, 0.0)
-    assert len(run_study(scores=scores, alphas=SMALL, betas=SMALL, db=db,
+    assert len(run_study(scores=scores, alphas=SMALL, betas=SMALL, file=file,
                          fingerprint="fp")) == 25
+    assert len(load(file).trials) == 25
 
 
 def test_workers_give_the_same_result(tmp_path):
@@ -485,28 +519,89 @@ def test_apply_error_on_test_map_size_and_unusable_study(searched, capsys):
     err = _error(capsys, argv(ws, "--apply"))
     assert "weak_s0" in err and "'v4_02'" in err and "[3, 8, 6]" in err
     assert not (ws["out"] / "test_pred").exists()
-    (ws["out"] / "study.db").write_bytes(b"not a database" * 100)
+    (ws["out"] / STUDY_FILE).write_bytes(b"not a database" * 100)
     err = _error(capsys, argv(ws))
-    assert "study.db" in err and "cannot open the Optuna study" in err
+    assert err == (f"error: {ws['out'] / STUDY_FILE}: cannot open the Optuna study (ValueError: "
+                   f"line 1 is not an Optuna journal record); delete the file to start over")
+    assert (ws["out"] / STUDY_FILE).read_bytes() == b"not a database" * 100  # left as it was
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not a database" * 100)  # no newline: Optuna alone reads no record
+
+
+def _garbage_lines(path: Path) -> None:
+    path.write_bytes(b"garbage\nmore garbage\n")  # Optuna's reader: JSONDecodeError
+
+
+def _not_records(path: Path) -> None:
+    path.write_bytes(b'{"a": 1}\n')  # JSON, but not Optuna's records: its replay raises
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])  # the last record cut short (Optuna alone skips it)
+
+
+def _no_newline(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _sqlite(path: Path) -> None:
+    path.write_bytes(b"SQLite format 3\x00" + bytes(4080))  # a database's first page
+
+
+@pytest.mark.parametrize("breaker, cause", [
+    (_garbage, "ValueError: line 1 is not an Optuna journal record"),
+    (_garbage_lines, "ValueError: line 1 is not an Optuna journal record"),
+    (_not_records, "KeyError: 'op_code'"),
+    (_truncated, "ValueError: line 28 is not an Optuna journal record"),  # 3 + 25 trials
+    (_no_newline, "ValueError: its last line is incomplete"),
+    (_sqlite, "ValueError: line 1 is not an Optuna journal record"),
+])
+def test_an_unusable_study_file_is_one_error_and_stays(tmp_path, breaker, cause):
+    file = tmp_path / STUDY_FILE
+    scores = {(a, b): a - b for a in SMALL for b in SMALL}
+    run_study(scores=scores, alphas=SMALL, betas=SMALL, file=file, fingerprint="fp")
+    breaker(file)
+    broken = file.read_bytes()
+    with pytest.raises(PipelineError) as err:
+        open_study(alphas=SMALL, betas=SMALL, file=file, fingerprint="fp")
+    assert str(err.value) == (f"{file}: cannot open the Optuna study ({cause}); delete the "
+                              f"file to start over")
+    assert file.read_bytes() == broken and sorted(p.name for p in tmp_path.iterdir()) == [
+        STUDY_FILE]
+
+
+def test_an_unreadable_work_file_is_started_over(tmp_path, capsys):
+    # a killed search's unfinished study (only ever read by the search that resumes it) that
+    # cannot be read is built again, not an error
+    file = tmp_path / STUDY_FILE
+    scores = {(a, b): a - b for a in SMALL for b in SMALL}
+    work = work_path(file, "fp")
+    work.write_bytes(b'{"op_code": 0, "worker_id": "w", "study_na')
+    trials = run_study(scores=scores, alphas=SMALL, betas=SMALL, file=file, fingerprint="fp")
+    assert "cannot be read; starting it over" in capsys.readouterr().out
+    assert len(trials) == len(load(file).trials) == len(SMALL) ** 2 and not work.exists()
 
 
 def test_study_holds_each_grid_point_once_with_its_exact_score(tmp_path):
     scores = {(a, b): a - 2 * b for a in SMALL for b in SMALL}
     trials = run_study(scores=scores, alphas=SMALL, betas=SMALL,
-                       db=tmp_path / "study.db", fingerprint="fp")
-    study = optuna.load_study(study_name=STUDY_NAME,
-                              storage=f"sqlite:///{tmp_path / 'study.db'}")  # Optuna's own tools
+                       file=tmp_path / STUDY_FILE, fingerprint="fp")
+    study = load(tmp_path / STUDY_FILE)  # Optuna's own tools
     stored = [(t.params["alpha"], t.params["beta"], t.value, t.state) for t in study.trials]
     assert stored == [(a, b, a - 2 * b, optuna.trial.TrialState.COMPLETE)
                       for a in SMALL for b in SMALL]  # grid order, once each
     assert len(trials) == len(SMALL) ** 2
     assert study.best_params == {"alpha": SMALL[-1], "beta": 0.0}
-    assert study.user_attrs["fingerprint"] == "fp"
+    assert study.user_attrs == {"fingerprint": "fp", "grid": {"alpha": SMALL, "beta": SMALL}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STUDY_FILE]  # the work file moved
 
 
 # ----------------------------------------------------------------------------- reliability
-def _trial_points(db: Path) -> list[tuple[float, float]]:
-    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}")
+def _trial_points(path: Path) -> list[tuple[float, float]]:
+    study = load(path)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     return [(t.params["alpha"], t.params["beta"]) for t in study.trials]
 
@@ -538,14 +633,15 @@ def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_r
                 if proc.poll() is None:
                     proc.kill()
 
-    outputs = ("weights.json", "metrics.json", "members.json", "grid_scores.npz", "study.db")
+    outputs = ("weights.json", "metrics.json", "members.json", "grid_scores.npz", STUDY_FILE)
     # killed in the grid pass: its label records are left behind, nothing else
     assert search(lambda: any(out.glob(f"{RECORDS}*/chunk*.npz"))) == -signal.SIGKILL
     assert list(out.glob(f"{RECORDS}*"))
     assert not any((out / name).exists() for name in outputs)
-    # killed once the study is stored (in its work file, beside study.db), before any output
+    # killed once the study is stored (in its work file, beside study.journal), before any
+    # output
     assert search(lambda: "study: " in log.read_text()) == -signal.SIGKILL
-    work = list(out.glob(f".{STUDY_DB}.*.tmp"))
+    work = list(out.glob(f".{STUDY_FILE}.*.tmp"))
     assert len(work) == 1 and len(_trial_points(work[0])) == len(SMALL) ** 2
     assert not any((out / name).exists() for name in outputs)
     assert search() == 0
@@ -556,7 +652,7 @@ def test_search_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, repo_r
     for key in ("alpha", "beta", "oof_mIoU", "groups", "grid", "fingerprint", "members"):
         assert weights[key] == clean["weights"][key], key
     assert json.loads((out / "metrics.json").read_text()) == clean["metrics"]
-    points = _trial_points(out / "study.db")
+    points = _trial_points(out / STUDY_FILE)
     assert sorted(points) == sorted((a, b) for a in SMALL for b in SMALL)  # each exactly once
     assert weights["study"]["trials"] == len(points)
     # the records, the work file and the lock are gone
@@ -804,15 +900,44 @@ def test_one_search_at_a_time(searched, capsys, repo_root):
     ensemble.main(argv(ws))
 
 
-def test_a_study_locked_by_another_process_is_not_to_be_deleted(searched, capsys):
-    ws, _ = searched
-    db = sqlite3.connect(ws["out"] / "study.db", timeout=0)
+def test_a_study_another_process_reads_or_writes_is_neither_an_error_nor_deleted(
+        searched, monkeypatch):
+    # Optuna's journal takes no lock to read: a tool or dashboard reading the study never
+    # stops a search (SQLite's "locked by another process" is gone). A writer holds the lock
+    # file <file>.lock (a symlink) for one append: a search of the same inputs finds the study
+    # complete and writes nothing, so it neither waits for that lock nor touches it
     try:
-        db.execute("BEGIN EXCLUSIVE")  # a reader (a dashboard, a script) holding the database
-        with pytest.raises(PipelineError) as err:
-            open_study(alphas=SMALL, betas=SMALL, db=ws["out"] / "study.db",
-                       fingerprint="fp")
-    finally:
-        db.rollback()
-        db.close()
-    assert "locked by another process" in str(err.value) and "delete" not in str(err.value)
+        from optuna.storages.journal import JournalFileSymlinkLock
+    except ImportError:  # optuna < 4.0
+        from optuna.storages import JournalFileSymlinkLock
+
+    ws, first = searched
+    path = ws["out"] / STUDY_FILE
+    kept = path.read_bytes()
+    lock = Path(f"{path}.lock")
+    os.symlink(path, lock)  # as JournalFileSymlinkLock holds it while another process appends
+
+    def acquire(self):
+        raise AssertionError("the search waited for the journal's lock")
+
+    monkeypatch.setattr(JournalFileSymlinkLock, "acquire", acquire)
+    with path.open("rb"):  # and a reader holding the file open
+        again = ensemble.main(argv(ws))
+    assert again["weights"] == first["weights"] and path.read_bytes() == kept
+    assert lock.is_symlink()  # another process's lock: left alone
+
+
+def test_leftovers_of_killed_searches_are_removed_but_the_resumed_work_file(tmp_path):
+    # the search lock is held: a journal lock on a work file is a killed search's (it would
+    # stall the resumed search for Optuna's 30 s grace period); other inputs' work files go
+    file = tmp_path / STUDY_FILE
+    ours, other = work_path(file, "a" * 64), work_path(file, "b" * 64)
+    for work in (ours, other):
+        work.write_bytes(b"")
+        os.symlink(work, f"{work}.lock")
+    Path(f"{ours}.lock{'0' * 32}.rename").write_bytes(b"")
+    file.write_bytes(b"")
+    os.symlink(file, f"{file}.lock")  # the kept study's lock may be another process's: kept
+    remove_leftovers(tmp_path, file=file, fingerprint="a" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ours.name, file.name, f"{file.name}.lock"])

@@ -470,6 +470,11 @@ def _search_running(ws: dict) -> None:
     _HELD_LOCKS.append(held)
 
 
+def _corrupt_study(ws: dict) -> None:
+    """The study's journal file overwritten with what is not an Optuna journal."""
+    (ws["out"] / "study.journal").write_bytes(b"not a journal" * 100)
+
+
 ENSEMBLE.update({
     "ensemble-partial-oof-coverage": Case("ensemble", _ensemble(_fold_not_trained),
                                           ("folds/folds.csv", "fold 1")),
@@ -496,6 +501,8 @@ ENSEMBLE.update({
         ("oof_preds/aux_s0/f0/meta.json", "'aux_s0'")),
     "ensemble-unknown-fallback": Case("ensemble", _ensemble(fallback="bset"),
                                       ("params.yaml", "ensemble.fallback", "'bset'")),
+    "ensemble-corrupt-study": Case("ensemble", _ensemble(_corrupt_study, search_first=True),
+                                   ("ensemble/study.journal", "delete the file")),
 })
 
 # ----------------------------------------------------------------------------- submit
@@ -827,6 +834,9 @@ ERROR_LINES = {
     "ensemble-unknown-fallback":
         "error: <ws>/params.yaml: ensemble.fallback: unknown fallback 'bset'; valid: "
         "best_single, none",
+    "ensemble-corrupt-study":
+        "error: <ws>/ensemble/study.journal: cannot open the Optuna study (ValueError: line 1 "
+        "is not an Optuna journal record); delete the file to start over",
     "submit-cityscapes-format-on-demo":
         "error: submission format 'cityscapes' does not fit dataset 'demo' (classes.json); "
         "formats for it: folder, vspw",
