@@ -18,21 +18,28 @@ from test_loop import _assert_same_tensors, _cfg, _data, _iters, _loss_hook, _ro
 
 
 # ----------------------------------------------------------------------------- resume
-def test_resume_after_interrupt_equals_uninterrupted_run(demo_workspace, tmp_path, monkeypatch,
-                                                         capsys):
-    ws = demo_workspace
-    cfg = _cfg(ws)  # 8 + 4 SWA iterations, checkpoint every 2, validation every 4
-    a, metrics_a = _train(ws, cfg, tmp_path / "a")
+def _interrupted_run(ws, cfg, out, monkeypatch, *, at_call: int) -> None:
+    """Train ``cfg`` into ``out`` and stop it with a KeyboardInterrupt at loss call ``at_call``."""
 
     def interrupt(call, loss, parts):
-        if call == 7:  # iteration 8 of 12: last.pt holds iteration 6, the log goes to 7
+        if call == at_call:
             raise KeyboardInterrupt
         return loss, parts
 
     with monkeypatch.context() as patch:
         _loss_hook(patch, interrupt)
         with pytest.raises(KeyboardInterrupt):
-            _train(ws, cfg, tmp_path / "b")
+            _train(ws, cfg, out)
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(demo_workspace, tmp_path, monkeypatch,
+                                                         capsys):
+    ws = demo_workspace
+    cfg = _cfg(ws)  # 8 + 4 SWA iterations, checkpoint every 2, validation every 4
+    a, metrics_a = _train(ws, cfg, tmp_path / "a")
+
+    _interrupted_run(ws, cfg, tmp_path / "b", monkeypatch, at_call=7)  # iteration 8 of 12:
+    # last.pt holds iteration 6, the log goes to 7
     b = RunPaths(tmp_path / "b" / a.root.name)
     assert load_checkpoint(b.last)["iteration"] == 6
     assert _iters(b.log) == list(range(1, 8))
@@ -130,15 +137,8 @@ def test_rare_sampling_resumes_its_stream_and_another_sampling_starts_over(
     a, _ = _train(ws, cfg, tmp_path / "a")
     assert load_checkpoint(a.last)["config"]["run"]["sampling"] == RARE_SAMPLING
 
-    def interrupt(call, loss, parts):
-        if call == 5:  # iteration 6 of 8: last.pt holds iteration 4
-            raise KeyboardInterrupt
-        return loss, parts
-
-    with monkeypatch.context() as patch:
-        _loss_hook(patch, interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            _train(ws, cfg, tmp_path / "b")
+    _interrupted_run(ws, cfg, tmp_path / "b", monkeypatch, at_call=5)  # iteration 6 of 8:
+    # last.pt holds iteration 4
     b = RunPaths(tmp_path / "b" / a.root.name)
     assert load_checkpoint(b.last)["iteration"] == 4
     capsys.readouterr()
