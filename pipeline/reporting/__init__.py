@@ -1,0 +1,1 @@
+"""What a person reads: the run summary, its figures and the technique ledger."""

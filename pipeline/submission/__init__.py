@@ -1,0 +1,1 @@
+"""Submissions: formats, deterministic zips and their JSON sidecar, packing the test predictions."""
