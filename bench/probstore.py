@@ -2,6 +2,8 @@
 
     python bench/probstore.py [--frames 500] [--classes 10] [--height 96] [--width 128]
                               [--stride 1] [--big] [--dir DIR] [--members 5] [--repeat 3]
+                              [--topk-frames 12] [--topk-classes 124] [--oof oof_preds]
+                              [--quick]
 
 Maps are softmax(smooth random logits): low-resolution Gaussian noise upsampled (bilinear) to the
 frame size and scaled so most pixels are confident, with soft borders between classes, like a
@@ -21,6 +23,20 @@ The ensemble check (``ensemble_miou_float_vs_quantized``) takes two sets of memb
 labels and returns both mIoUs; inference does not exist yet, so this script runs it on a
 synthetic ensemble (members = noisy copies of a ground-truth logit field). Point it at the demo
 OOF predictions once infer.py writes them.
+
+Top-k maps (``write_probs(topk=K)``), side by side with dense uint8 in the same run: on
+``--topk-frames`` synthetic frames of ``--topk-classes`` classes (default 124, VSPW's count)
+whose scenes hold a few dominant classes (a frame draws 6 of them; softmax of smooth logits;
+two regimes: "peaked", top-5 mass ~0.99, and "softer", ~0.89, with a longer tail),
+3 members (the truth's logits plus each member's own smooth noise) are written dense and as
+top-2/3/5/8, as the runner writes them (uint8, deflate level 1). Per kind: bytes per stored
+pixel and per class-pixel (compressed, as written), the mIoU of the argmax of the members'
+mean decoded map minus that of the float32 mean (mIoU points; the goal: top-5 within 0.05 at
+<= 0.1 byte per class-pixel), write time and read time (all maps through ``read_probs``,
+best of ``--repeat``) relative to dense. With member maps under ``--oof`` (what infer.py
+wrote) their stored dense maps are re-stored as top-k: bytes and the fused labels' agreement
+with the dense fusion (the float32 originals are not kept there, so no mIoU against them).
+``--quick`` runs every part small (about a minute on one busy core).
 """
 
 from __future__ import annotations
@@ -223,6 +239,130 @@ def smooth_logit_noise(rng: np.random.Generator, shape: tuple[int, ...],
     return ndimage.zoom(lo, (1, cell, cell), order=1)[:, :h, :w]
 
 
+# ----------------------------------------------------------------------------- top-k maps
+TOPK_KINDS = (0, 2, 3, 5, 8)   # 0 = dense
+# (boost of the present classes, logit scale): "peaked" leaves ~5 non-zero uint8 codes per pixel
+# (top-5 mass ~0.99), "softer" ~16 (top-5 mass ~0.89), a long tail dense deflate cannot drop
+REGIMES = {"peaked": (3.0, 4.0), "softer": (2.0, 3.0)}
+
+
+def peaked_logits(rng: np.random.Generator, *, classes: int, height: int, width: int,
+                  present: int = 6, boost: float = 3.0, scale: float = 4.0) -> np.ndarray:
+    """float32 [C, H, W] smooth logits of a scene of ``present`` dominant classes (of C): the
+    present ones get +``boost`` x ``scale``, so softmax leaves the other classes little mass."""
+    cell = max(16, height // 8)
+    lo = rng.normal(size=(classes, -(-height // cell) + 1, -(-width // cell) + 1))
+    lo[rng.choice(classes, size=min(present, classes), replace=False)] += boost
+    return ndimage.zoom(lo.astype(np.float32), (1, cell, cell), order=1,
+                        output=np.float32)[:, :height, :width] * scale
+
+
+def _kind_name(k: int) -> str:
+    return "dense uint8" if not k else f"top-{k} uint8"
+
+
+def _store_all(maps: Sequence[np.ndarray], k: int, out: Path, repeat: int
+               ) -> tuple[list[Path], float, float]:
+    """Write ``maps`` as kind ``k`` and read them back; (paths, write s, read s), best of
+    ``repeat``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{i:05d}.npz" for i in range(len(maps))]
+    t_write = t_read = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for path, probs in zip(paths, maps):
+            write_probs(path, probs, topk=k)
+        t_write = min(t_write, time.perf_counter() - start)
+        start = time.perf_counter()
+        for path in paths:
+            read_probs(path)
+        t_read = min(t_read, time.perf_counter() - start)
+    return paths, t_write, t_read
+
+
+def synthetic_topk_check(rng: np.random.Generator, *, frames: int, members: int, classes: int,
+                         height: int, width: int, work: Path, repeat: int,
+                         boost: float, scale: float) -> dict:
+    """Dense vs top-k on a synthetic ensemble (see the module docstring): per kind, bytes per
+    pixel and class-pixel, fused mIoU minus float32's, write and read time."""
+    truth, maps = [], []
+    for _ in tqdm(range(frames), desc="peaked maps", leave=False):
+        logits = peaked_logits(rng, classes=classes, height=height, width=width, boost=boost,
+                               scale=scale)
+        truth.append(logits.argmax(axis=0).astype(np.uint8 if classes <= 255 else np.uint16))
+        maps += [softmax(logits + 2.0 * smooth_logit_noise(rng, logits.shape).astype(np.float32))
+                 for _ in range(members)]
+    pixels = frames * members * height * width
+    cm_f = ConfusionMatrix(num_classes=classes, ignore_index=255 if classes <= 255 else 65535)
+    fused_f = [_ensemble_labels(np.stack(maps[i * members:(i + 1) * members]))
+               for i in range(frames)]
+    for gt, labels in zip(truth, fused_f):
+        cm_f.update(gt, labels)
+    miou_f = mean_iou(cm_f.matrix)
+    top = np.sort(np.stack(maps), axis=1)[:, ::-1]
+    results = {"float32": {"miou": miou_f, "top5_mass": float(top[:, :5].sum(axis=1).mean())}}
+    for k in TOPK_KINDS:
+        paths, t_write, t_read = _store_all(maps, k, work / f"top{k}", repeat)
+        size = sum(p.stat().st_size for p in paths)
+        cm = ConfusionMatrix(num_classes=classes, ignore_index=cm_f.ignore_index)
+        changed = 0
+        for i, gt in enumerate(truth):
+            labels = _ensemble_labels(np.stack([read_probs(p) for p in
+                                                paths[i * members:(i + 1) * members]]))
+            cm.update(gt, labels)
+            changed += int((labels != fused_f[i]).sum())
+        results[_kind_name(k)] = {"bytes_per_pixel": size / pixels,
+                                  "bytes_per_class_pixel": size / pixels / classes,
+                                  "miou_minus_float32": mean_iou(cm.matrix) - miou_f,
+                                  "labels_changed": changed / (frames * height * width),
+                                  "write_s": t_write, "read_s": t_read}
+        shutil.rmtree(work / f"top{k}")
+    return results
+
+
+def real_topk_check(root: Path, *, work: Path, max_frames: int) -> dict | None:
+    """Dense vs top-k on the member maps under ``root`` (infer.py's output): their OOF maps as
+    stored (decoded) re-stored as top-k; per kind bytes per pixel and class-pixel and the
+    share of pixels whose fused label (mean of the members) equals the dense fusion's. None
+    without members with common OOF frames."""
+    from pipeline.core.errors import PipelineError
+    from pipeline.inference.members import list_members
+
+    try:
+        members = list_members(root)
+    except PipelineError:
+        return None
+    ids = sorted(set.intersection(*(set(m.oof_ids()) for m in members)))[:max_frames]
+    if not ids or any(m.topk for m in members):
+        return None
+    dense = {(m.name, i): m.read_oof(i) for m in members for i in ids}
+    classes, pixels = members[0].classes, sum(p[0].size for p in dense.values())
+    fused = {i: _ensemble_labels(np.stack([dense[m.name, i] for m in members])) for i in ids}
+    results = {"members": len(members), "frames": len(ids), "classes": classes}
+    for k in (k for k in TOPK_KINDS if k < classes):
+        paths = {key: work / f"top{k}" / f"{n:05d}.npz" for n, key in enumerate(dense)}
+        work.joinpath(f"top{k}").mkdir(parents=True, exist_ok=True)
+        for key, path in paths.items():
+            write_probs(path, dense[key], topk=k)
+        same = sum(int((_ensemble_labels(np.stack([read_probs(paths[m.name, i]) for m in members]))
+                        == fused[i]).sum()) for i in ids)
+        size = sum(p.stat().st_size for p in paths.values())
+        results[_kind_name(k)] = {"bytes_per_pixel": size / pixels,
+                                  "bytes_per_class_pixel": size / pixels / classes,
+                                  "fused_label_agreement": same / (pixels / len(members))}
+        shutil.rmtree(work / f"top{k}")
+    return results
+
+
+def print_topk(results: dict, *, title: str, columns: Sequence[tuple[str, str, str]]) -> None:
+    print(f"  {title}")
+    print(f"    {'kind':<14}" + "".join(f"{head:>{len(head) + 3}}" for head, _, _ in columns))
+    for name, r in results.items():
+        if isinstance(r, dict) and "bytes_per_pixel" in r:
+            print(f"    {name:<14}" + "".join(f"{fmt.format(r[key]):>{len(head) + 3}}"
+                                              for head, key, fmt in columns))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=500)
@@ -240,9 +380,20 @@ def main(argv=None) -> dict:
                              "their real OOF maps, float32 vs uint8")
     parser.add_argument("--data", default="data")
     parser.add_argument("--folds", default="folds/folds.csv")
+    parser.add_argument("--topk-frames", type=int, default=12,
+                        help="synthetic frames of the top-k check (0 = skip)")
+    parser.add_argument("--topk-classes", type=int, default=124)
+    parser.add_argument("--topk-size", type=int, nargs=2, default=[240, 427], metavar=("H", "W"))
+    parser.add_argument("--oof", default="oof_preds",
+                        help="member maps to re-store as top-k (skipped when absent)")
+    parser.add_argument("--quick", action="store_true",
+                        help="everything small: about a minute on one busy core")
     args = parser.parse_args(argv)
     if args.big:
         args.frames, args.classes, args.height, args.width = 12, 19, 512, 1024
+    if args.quick:
+        args.frames, args.repeat, args.members = min(args.frames, 20), 1, min(args.members, 2)
+        args.topk_frames, args.topk_size = min(args.topk_frames, 4), [96, 160]
 
     rng = np.random.default_rng(args.seed)
     frames = [smooth_softmax(rng, classes=args.classes, height=args.height, width=args.width)
@@ -279,6 +430,43 @@ def main(argv=None) -> dict:
             print(f"  OOF maps of {len(args.runs)} run(s), {members} member(s), {n} frames: "
                   f"ensemble mIoU float32 {miou_f:.4%}, uint8 {miou_q:.4%}, difference "
                   f"{100 * abs(miou_f - miou_q):.4f} mIoU points (target < 0.05)")
+        for regime, (boost, scale) in REGIMES.items() if args.topk_frames else ():
+            h, w = args.topk_size
+            r = synthetic_topk_check(rng, frames=args.topk_frames, members=3,
+                                     classes=args.topk_classes, height=h, width=w,
+                                     work=work / "topk", repeat=args.repeat, boost=boost,
+                                     scale=scale)
+            dense = r["dense uint8"]
+            for name, row in r.items():
+                if "write_s" in row:
+                    row["write_vs_dense"] = row["write_s"] / dense["write_s"]
+                    row["read_vs_dense"] = row["read_s"] / dense["read_s"]
+            results[f"topk_{regime}"] = r
+            print_topk(r, title=f"top-k, {regime}: {args.topk_frames} frames x 3 members of "
+                       f"{args.topk_classes}x{h}x{w} (mean top-5 mass "
+                       f"{r['float32']['top5_mass']:.3f}), float32 fusion mIoU "
+                       f"{r['float32']['miou']:.4%}", columns=(
+                           ("B/px", "bytes_per_pixel", "{:.3f}"),
+                           ("B/class-px", "bytes_per_class_pixel", "{:.4f}"),
+                           ("mIoU - f32 (pts)", "miou_minus_float32", "{:+.4%}"),
+                           ("labels != f32", "labels_changed", "{:.4%}"),
+                           ("write vs dense", "write_vs_dense", "{:.2f}x"),
+                           ("read vs dense", "read_vs_dense", "{:.2f}x")))
+        if args.topk_frames:
+            print("    (goal: top-5 within 0.05 mIoU points of float32 at <= 0.1 B/class-px)")
+        real = real_topk_check(Path(args.oof), work=work / "real",
+                               max_frames=10 if args.quick else 100)
+        if real is None:
+            print(f"  real OOF maps: skipped, no members with common OOF maps under {args.oof} "
+                  f"(run infer.py first)")
+        else:
+            results["topk_real"] = real
+            print_topk(real, title=f"real OOF maps of {real['members']} member(s), "
+                       f"{real['frames']} frames, {real['classes']} classes, re-stored from "
+                       f"their dense uint8", columns=(
+                           ("B/px", "bytes_per_pixel", "{:.3f}"),
+                           ("B/class-px", "bytes_per_class_pixel", "{:.4f}"),
+                           ("fused labels = dense", "fused_label_agreement", "{:.4%}")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -5,7 +5,7 @@
     python pipeline/ensemble.py --apply  [--oof oof_preds] [--data data] [--out ensemble]
 
 Fits on the OOF maps of the members the params define, writes weights.json, metrics.json,
-members.json, heatmap.png; ``--apply`` fuses the test maps with those weights and never fits
+members.json, heatmap.png (on the frames ``infer.oof_sample`` samples); ``--apply`` fuses the test maps with those weights and never fits
 anything on test data. The method, its files and its guarantees: :mod:`pipeline.ensembling`.
 """
 
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from pipeline.core.errors import PipelineError, run_cli
 from pipeline.core.names import BEST_SINGLE
 from pipeline.core.params import load_section
+from pipeline.data.oof_sample import load_oof_sample
 from pipeline.ensembling import fusion
 from pipeline.ensembling.apply import apply_ensemble
 from pipeline.ensembling.holdout import TEST_SCORES, score_test
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         alphas=parse_grid(params.alpha_grid, key="alpha_grid", source=source),
         betas=parse_grid(params.beta_grid, key="beta_grid", source=source), params_source=source,
         members=members, folds_path=Path(args.folds), allow_partial=params.allow_partial,
-        fallback=params.fallback, full_data_weight=params.full_data_weight)
+        fallback=params.fallback, full_data_weight=params.full_data_weight,
+        oof_sample=load_oof_sample(args.params))
     weights, metrics = result["weights"], result["metrics"]
     fused = weights["fused"]
     for group in fusion.GROUPS:

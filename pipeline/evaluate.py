@@ -1,8 +1,8 @@
 """Score predicted label maps against the manifest's masks: mIoU, accuracies, mVC8 and mVC16.
 
-    python pipeline/evaluate.py PRED_DIR|SUBMISSION.zip [--manifest data/manifest.csv]
+    python pipeline/evaluate.py PRED_DIR|SUBMISSION.zip|TABLE.csv [--manifest data/manifest.csv]
                                 [--classes FILE] [--split test] [--out PRED.eval.json]
-                                [--format F] [--vspw-offset 0|1]
+                                [--format F] [--vspw-offset 0|1] [--rle-order column|row]
 
 What it writes and guarantees: :mod:`pipeline.evaluation.scoring`.
 """
@@ -19,8 +19,8 @@ from pipeline.core.errors import PipelineError, run_cli
 from pipeline.core.params import load_section
 from pipeline.data.manifest import read_manifest
 from pipeline.evaluation.scorecard import format_table
-from pipeline.evaluation.scoring import (default_out, evaluate_folder, evaluate_zip, input_paths, is_zip,
-                                         resolve_classes_path)
+from pipeline.evaluation.scoring import (default_out, evaluate_folder, evaluate_table, evaluate_zip,
+                                         input_paths, is_table, is_zip, resolve_classes_path)
 from pipeline.submission.sidecar import sidecar_path
 
 
@@ -32,8 +32,9 @@ class EvaluateParams:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pred", metavar="PRED_DIR|SUBMISSION.zip",
-                        help="folder of <id>.png label maps, or a zip written by submit.py")
+    parser.add_argument("pred", metavar="PRED_DIR|SUBMISSION.zip|TABLE.csv",
+                        help="folder of <id>.png label maps, a zip written by submit.py, or an "
+                             "id,class,rle CSV")
     parser.add_argument("--manifest", default="data/manifest.csv")
     parser.add_argument("--classes", default=None, help="default: classes.json beside the manifest")
     parser.add_argument("--split", default=None, help="manifest split to score (params: evaluate.split)")
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="zip only: submission format (default: from <name>.json beside the zip)")
     parser.add_argument("--vspw-offset", type=int, default=None,
                         help="zip only, vspw format: 0 or 1 (default: from <name>.json, else 0)")
+    parser.add_argument("--rle-order", default=None,
+                        help="rle_csv zip or CSV: column or row (default: from <name>.json, else column)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else default_out(args.pred)
@@ -59,12 +62,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             atomic.write_json(out, summary)
         print(f"{summary['note']}\nwrote {out}")
         return summary
-    if is_zip(args.pred):
-        summary = evaluate_zip(args.pred, manifest=args.manifest, classes_path=args.classes,
-                               split=params.split, out=out, fmt=args.format, vspw_offset=args.vspw_offset)
-    else:
+    if is_table(args.pred):
         if args.format is not None or args.vspw_offset is not None:
             raise PipelineError(f"{args.pred}: --format and --vspw-offset apply to a submission zip only")
+        summary = evaluate_table(args.pred, manifest=args.manifest, classes_path=args.classes,
+                                 split=params.split, out=out, rle_order=args.rle_order or "column")
+    elif is_zip(args.pred):
+        summary = evaluate_zip(args.pred, manifest=args.manifest, classes_path=args.classes,
+                               split=params.split, out=out, fmt=args.format, vspw_offset=args.vspw_offset,
+                               rle_order=args.rle_order)
+    else:
+        if args.format is not None or args.vspw_offset is not None or args.rle_order is not None:
+            raise PipelineError(f"{args.pred}: --format, --vspw-offset and --rle-order apply to a "
+                                "submission zip only (--rle-order also to a CSV)")
         summary = evaluate_folder(args.pred, manifest=args.manifest, classes_path=args.classes,
                                   split=params.split, out=out)
     print(format_table(summary))

@@ -27,6 +27,7 @@ class PrepareParams:
     workers: int = 2
     demo: dict = field(default_factory=dict)
     folder: dict = field(default_factory=dict)
+    rle_csv: dict = field(default_factory=dict)
     camvid: dict = field(default_factory=dict)
     cityscapes: dict = field(default_factory=dict)
     vspw: dict = field(default_factory=dict)

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = train_run(cfg=cfg, paths=paths, fold=fold, seed=args.seed, data=data, device=device,
                         num_workers=train.num_workers if args.num_workers is None else args.num_workers,
                         teacher=teacher, dist=dist, deterministic=train.deterministic,
-                        progress=not args.no_progress)
+                        weights_dir=train.weights_dir or None, progress=not args.no_progress)
     if dist.is_main:
         best = metrics["best_miou"]
         print(f"{paths.root}: done, {metrics['iterations']} iterations"

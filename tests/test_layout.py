@@ -16,7 +16,7 @@ from test_dvc_deps import imported_modules
 
 PACKAGE = REPO / "pipeline"
 STAGES = {"prepare", "folds", "train", "swa", "infer", "ensemble", "submit", "evaluate", "report",
-          "parallel"}
+          "parallel", "weights", "bundle", "predict"}
 # which subpackages each may import (besides itself); the arrows point down, so this is a DAG
 ALLOWED = {
     "core": set(),
@@ -26,7 +26,7 @@ ALLOWED = {
     "models": {"core", "evaluation"},                   # validation counts a confusion matrix
     "training": {"core", "data", "models", "evaluation"},
     "inference": {"core", "data", "models", "evaluation"},
-    "ensembling": {"core", "data", "evaluation", "inference"},
+    "ensembling": {"core", "data", "models", "evaluation", "inference", "submission"},  # bundles
     "reporting": {"core", "data", "evaluation", "inference", "ensembling", "submission"},
     "launch": {"core", "data", "models", "inference"},  # the cost plan: frames, weights, TTA
 }

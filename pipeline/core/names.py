@@ -22,6 +22,8 @@ METRICS_FILE = "metrics.json"          # training's result, also the ensemble fo
 SWA_METRICS_FILE = "swa_metrics.json"
 INFER_METRICS_FILE = "infer_metrics.json"
 MAP_META_FILE = "meta.json"            # beside a run's oof/ and test/ maps
+HEADLINE_FILE = "metrics.json"         # the workspace's headline scores (the report stage's, top level)
+EVAL_SUFFIX = ".eval.json"             # evaluate.py's scores beside what it scored (<name>.zip.eval.json)
 
 # rows of the ensemble's table, in the search's order
 BEST_SINGLE = "best_single"

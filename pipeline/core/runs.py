@@ -8,6 +8,7 @@ architecture with different settings. A run is (model config, fold, seed) and li
       last.pt        resumable checkpoint (model, optimizer, scheduler, RNG states; the
                      config and data digests that decide whether a re-run resumes it)
       best.pt        best validation mIoU (equal to last.pt when there is no validation)
+      ema.pt         the EMA of the weights at the last checkpoint (with ``ema.decay`` > 0)
       snapshots/     swa_<iteration>.pt, one per SWA cycle
       class_iou.json per-class IoU of the last validation
     log.csv          iteration, lr, loss parts, images/s (a DVC plot)
@@ -53,6 +54,14 @@ class SwaParams:
     interval: int = 1       # cycle length = snapshot interval
     max_lr_ratio: float = 0.1   # of the base lr, at each cycle's start
     min_lr_ratio: float = 0.01  # at each cycle's end, where the snapshot is taken
+
+
+@dataclass
+class EmaParams:
+    """An exponential moving average of the weights (and BatchNorm buffers), updated after
+    each optimizer step: ``ema = decay * ema + (1 - decay) * weights``."""
+
+    decay: float = 0.0      # 0 = off; e.g. 0.999 (about the last 1000 steps)
 
 
 @dataclass
@@ -111,9 +120,10 @@ class ModelParams:
     arch: str = "Unet"
     encoder: str = "resnet18"
     arch_kwargs: dict = field(default_factory=dict)
-    weights: str = ""            # "" random init | PATH local file | "hub:imagenet"
+    weights: str = ""            # "" random init | PATH local file | imagenet / "hub:<tag>"
     family: str = "primary"      # ensemble grouping: primary (S/W) or an auxiliary family (A)
-    batch_size: int = 8          # the global batch of one step, split evenly across DDP ranks
+    batch_size: int = 8          # the global batch of one forward, split evenly across DDP ranks
+    accum_steps: int = 1         # forwards per optimizer step: batch_size * accum_steps per step
     iters: int = 200
     val_interval: int = 50
     ckpt_interval: int = 0       # 0: at each validation
@@ -126,17 +136,36 @@ class ModelParams:
     logit_adjust: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
+    ema: dict = field(default_factory=dict)
     grad_clip: float = 0.0       # max global grad norm; 0 = off
-    amp: bool = True             # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool | str = True       # auto | bf16 | fp16 | off (true = auto, false = off): AMP_MODES
     channels_last: bool = True   # on CUDA (ignored on CPU)
 
 
 SUBSECTIONS = {"optimizer": OptimizerParams, "schedule": ScheduleParams, "swa": SwaParams,
                "logit_adjust": LogitAdjustParams, "distill": DistillParams,
-               "sampling": SamplingParams}
-# run-config sections newer than some checkpoints: a last.pt saved without one ran with its
-# defaults (which reproduce the older code exactly), so resuming it stays allowed
-ADDED_SECTIONS = ("sampling",)
+               "sampling": SamplingParams, "ema": EmaParams}
+# run-config sections and model keys newer than some checkpoints: a last.pt saved without one
+# ran with its defaults (which reproduce the older code exactly), so resuming it stays allowed
+ADDED_SECTIONS = ("sampling", "ema")
+ADDED_KEYS = ("accum_steps",)
+
+# Mixed precision (``models.<name>.amp``): ``auto`` is bf16 autocast on a CUDA device that
+# supports it, else fp16 with a gradient scaler, and nothing on the CPU; ``bf16`` / ``fp16``
+# autocast on any device (fp16 always with the scaler); ``off`` runs in float32. The booleans
+# of older params mean ``auto`` (true) and ``off`` (false).
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def amp_mode(value: Any, where: str = "amp") -> str:
+    """The :data:`AMP_MODES` name of an ``amp`` setting (a name or a boolean); anything else is
+    one line naming the valid values."""
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    if isinstance(value, str) and value in AMP_MODES:
+        return value
+    raise PipelineError(f"{where}: amp must be one of {', '.join(AMP_MODES)} (or true = auto, "
+                        f"false = off), got {value!r}")
 
 
 @dataclass
@@ -152,6 +181,7 @@ class TrainParams:
     num_workers: int = 2
     deterministic: bool = True
     runs_dir: str = "runs"
+    weights_dir: str = ""         # offline hub weights: <encoder>.<tag>.pth files (pipeline/weights.py)
 
 
 @dataclass
@@ -166,6 +196,7 @@ class RunConfig:
     logit_adjust: LogitAdjustParams
     distill: DistillParams
     sampling: SamplingParams
+    ema: EmaParams
 
     def to_dict(self) -> dict:
         """Plain, JSON-able resolved config (what checkpoints store)."""
@@ -183,7 +214,11 @@ class RunConfig:
 def parse_model_params(name: str, values: Mapping[str, Any] | None, *,
                        source: str = "params.yaml") -> RunConfig:
     """Validate ``models.<name>`` (and its sub-sections) into a :class:`RunConfig`."""
+    values = dict(values or {})
+    amp = values.pop("amp", ModelParams.amp)  # a name or a boolean: checked by amp_mode
+    amp_mode(amp, f"{source}: models.{name}.amp")
     model = build_section(ModelParams, values, section=f"models.{name}", source=source)
+    model.amp = amp  # kept as written: checkpoints of `amp: true` still match their config
     subs = {key: build_section(schema, getattr(model, key), section=f"models.{name}.{key}",
                                source=source)
             for key, schema in SUBSECTIONS.items()}
@@ -195,7 +230,7 @@ def parse_model_params(name: str, values: Mapping[str, Any] | None, *,
 def _check(cfg: RunConfig, source: str) -> None:
     where = f"{source}: models.{cfg.name}"
     m = cfg.model
-    for key in ("batch_size", "iters", "val_interval", "log_interval"):
+    for key in ("batch_size", "accum_steps", "iters", "val_interval", "log_interval"):
         if getattr(m, key) < 1:
             raise PipelineError(f"{where}.{key} must be >= 1, got {getattr(m, key)}")
     if cfg.swa.iters < 0 or cfg.swa.interval < 1 or cfg.swa.iters % cfg.swa.interval:
@@ -207,6 +242,8 @@ def _check(cfg: RunConfig, source: str) -> None:
     if cfg.distill.teacher and cfg.distill.teacher == cfg.name:
         raise PipelineError(f"{where}.distill.teacher: a config cannot distill from itself")
     _check_sampling(cfg.sampling, f"{where}.sampling")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise PipelineError(f"{where}.ema.decay must be in [0, 1) (0 = off), got {cfg.ema.decay}")
 
 
 def _check_sampling(s: SamplingParams, where: str) -> None:
@@ -277,6 +314,10 @@ def parse_fold(fold: str | int) -> int | str:
     return value
 
 
+# which weights of a run later stages use (RunPaths.final_weights); auto: the first present
+WEIGHT_CHOICES = ("auto", "swa", "ema", "best", "last")
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Every file of a run directory (see the module docstring)."""
@@ -294,6 +335,10 @@ class RunPaths:
     @property
     def best(self) -> Path:
         return self.train_dir / "best.pt"
+
+    @property
+    def ema(self) -> Path:
+        return self.train_dir / "ema.pt"
 
     @property
     def snapshots(self) -> Path:
@@ -330,10 +375,19 @@ class RunPaths:
     def swa(self) -> Path:
         return self.root / "swa.pt"
 
-    def final_weights(self) -> Path:
-        """The weights later stages use: SWA when averaged, else the best checkpoint."""
-        for path in (self.swa, self.best, self.last):
+    def final_weights(self, choice: str = "auto") -> Path:
+        """The weights later stages use: ``choice`` of :data:`WEIGHT_CHOICES`; ``auto`` is the
+        first file present of SWA, EMA, best, last. A missing explicit choice is an error."""
+        files = {"swa": self.swa, "ema": self.ema, "best": self.best, "last": self.last}
+        if choice not in WEIGHT_CHOICES:
+            raise unknown_name("weights choice", choice, WEIGHT_CHOICES)
+        if choice != "auto":
+            if not files[choice].is_file():
+                raise PipelineError(f"{files[choice]}: no {choice} weights for this run (chosen "
+                                    f"explicitly; 'auto' takes the first of swa, ema, best, last)")
+            return files[choice]
+        for path in files.values():
             if path.is_file():
                 return path
-        raise PipelineError(f"{self.root}: no finished training run (no swa.pt, train/best.pt "
-                            f"or train/last.pt); run `python pipeline/train.py` first")
+        raise PipelineError(f"{self.root}: no finished training run (no swa.pt, train/ema.pt, "
+                            f"train/best.pt or train/last.pt); run `python pipeline/train.py` first")

@@ -4,7 +4,9 @@ Each adapter is chosen by name (``prepare.dataset``) and has an options dataclas
 ``prepare.<name>`` section of params.yaml. An adapter only lists files and describes classes;
 decoding and checking every image and mask is :mod:`pipeline.data.preparation`'s job. Raw mask values
 are never rewritten: ``ClassInfo.mask_lut`` maps them to train ids when a mask is read.
-Cityscapes and VSPW live in their own modules because of their mapping tables.
+Cityscapes and VSPW live in their own modules because of their mapping tables. ``rle_csv`` is
+the one adapter that writes files: its masks come as an RLE CSV and are decoded to PNGs inside
+prepare's output folder (:mod:`pipeline.data.rle_csv`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pipeline.core.errors import PipelineError, unknown_name
 from pipeline.core.names import MANIFEST_SPLITS
 from pipeline.core.params import build_section
 from pipeline.data.cityscapes import CityscapesOptions, cityscapes_dataset
+from pipeline.core.rle import check_order
 from pipeline.data.manifest import IGNORE_INDEX, INVALID, ClassInfo, Frame, default_palette, identity_lut
+from pipeline.data.rle_csv import write_rle_masks
 from pipeline.data.vspw import VSPWOptions, vspw_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -33,6 +37,7 @@ CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
                   (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 CAMVID_VOID = 11  # "Unlabelled" in the SegNet copy
 _CAMVID_STEM = re.compile(r"^(?P<video>[^_]+)_\D*(?P<frame>\d+)$")  # 0001TP_006690, 0006R0_f00930
+STEM_PATTERN = r"^(?P<video>.+?)[_-](?P<frame>\d+)$"  # stem -> video and frame number
 
 
 def camvid_lut() -> np.ndarray:
@@ -62,10 +67,25 @@ class FolderOptions:
     masks: str = "masks"
     test_images: str = ""       # optional unlabelled (or labelled) test split
     test_masks: str = ""
-    pattern: str = r"^(?P<video>.+?)[_-](?P<frame>\d+)$"  # stem -> video and frame number
+    pattern: str = STEM_PATTERN
     class_names: list = field(default_factory=list)
     num_classes: int = 0        # used when class_names is empty
     void_values: list = field(default_factory=lambda: [IGNORE_INDEX])
+
+
+@dataclass
+class RleCsvOptions:
+    """``prepare.rle_csv``: ``root/<images>/`` + ``root/<csv>`` of ``id,class,rle`` rows."""
+
+    images: str = "images"
+    csv: str = "train.csv"
+    test_images: str = ""       # optional test split folder
+    test_csv: str = ""          # optional labels of the test images, to score a submission
+    order: str = "column"       # pixel numbering: column (Kaggle's) | row
+    background: int = IGNORE_INDEX  # pixels without a row: 255 = void, or a class id (Kaggle: 0)
+    pattern: str = STEM_PATTERN
+    class_names: list = field(default_factory=list)
+    num_classes: int = 0        # used when class_names is empty
 
 
 @dataclass
@@ -102,22 +122,33 @@ def _images_in(folder: Path) -> list[Path]:
                   if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, test_masks: str, pattern: str,
-                   class_names: list, num_classes: int, void_values: list) -> tuple[list[Frame], ClassInfo]:
-    """Images of ``root/images`` (train, masks required) and ``root/test_images`` (masks optional)."""
+def _stem_regex(pattern: str, *, key: str) -> re.Pattern:
+    """``pattern`` compiled; it must have named groups ``video`` and ``frame``."""
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise PipelineError(f"prepare.folder.pattern {pattern!r} is not a valid regex ({err})") from None
+        raise PipelineError(f"{key} {pattern!r} is not a valid regex ({err})") from None
     if not {"video", "frame"} <= set(regex.groupindex):
-        raise PipelineError(
-            f"prepare.folder.pattern {pattern!r} needs named groups (?P<video>...) and (?P<frame>...)")
+        raise PipelineError(f"{key} {pattern!r} needs named groups (?P<video>...) and (?P<frame>...)")
+    return regex
+
+
+def _class_names(class_names: list, num_classes: int, *, section: str) -> list[str]:
+    """The names given, or ``class_<i>`` for ``num_classes``; a disagreement or neither is an error."""
     if class_names and num_classes and len(class_names) != num_classes:
-        raise PipelineError(
-            f"prepare.folder: class_names has {len(class_names)} names but num_classes is {num_classes}")
+        raise PipelineError(f"{section}: class_names has {len(class_names)} names but num_classes is "
+                            f"{num_classes}")
     names = [str(n) for n in class_names] or [f"class_{i}" for i in range(num_classes)]
     if not names:
-        raise PipelineError("prepare.folder: set class_names (a list) or num_classes")
+        raise PipelineError(f"{section}: set class_names (a list) or num_classes")
+    return names
+
+
+def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, test_masks: str, pattern: str,
+                   class_names: list, num_classes: int, void_values: list) -> tuple[list[Frame], ClassInfo]:
+    """Images of ``root/images`` (train, masks required) and ``root/test_images`` (masks optional)."""
+    regex = _stem_regex(pattern, key="prepare.folder.pattern")
+    names = _class_names(class_names, num_classes, section="prepare.folder")
     bad_void = [v for v in void_values if not (isinstance(v, int) and len(names) <= v <= 255)]
     if bad_void:
         raise PipelineError(f"prepare.folder.void_values: {bad_void[0]!r} must be an int in {len(names)}..255")
@@ -138,6 +169,44 @@ def folder_dataset(root: Path, *, images: str, masks: str, test_images: str, tes
                                 video=video, frame=frame, split=split))
     classes = ClassInfo(names=names, palette=default_palette(len(names)),
                         mask_lut=identity_lut(len(names), void_values).tolist(), dataset="folder")
+    return frames, classes
+
+
+def rle_csv_dataset(root: Path, *, work_dir: Path, images: str, csv: str, test_images: str,
+                    test_csv: str, order: str, background: int, pattern: str, class_names: list,
+                    num_classes: int) -> tuple[list[Frame], ClassInfo]:
+    """Images of ``root/images`` with masks decoded from ``root/csv`` into ``work_dir/train/``,
+    and of ``root/test_images`` (masks from ``root/test_csv`` when given, into ``work_dir/test/``)."""
+    regex = _stem_regex(pattern, key="prepare.rle_csv.pattern")
+    names = _class_names(class_names, num_classes, section="prepare.rle_csv")
+    check_order(order, key="prepare.rle_csv.order")
+    if not (background == IGNORE_INDEX or 0 <= background < len(names)):
+        raise PipelineError(f"prepare.rle_csv.background: {background} must be {IGNORE_INDEX} (void) "
+                            f"or a class (0..{len(names) - 1})")
+    if test_csv and not test_images:
+        raise PipelineError("prepare.rle_csv.test_csv is set but test_images is empty")
+    frames = []
+    for split, key, image_dir, table in (("train", "images", images, csv),
+                                         ("test", "test_images", test_images, test_csv)):
+        if not image_dir:
+            continue
+        folder = root / image_dir
+        if not folder.is_dir():
+            raise PipelineError(f"{folder}: image folder not found (prepare.rle_csv.{key})")
+        listed = _images_in(folder)  # a stem found twice is left to check_listing to name
+        files = {p.stem: p for p in listed}
+        masks = {}
+        if table:
+            masks = write_rle_masks(root / table, images=files, out_dir=work_dir / split,
+                                    order=order, num_classes=len(names), background=background,
+                                    key=f"prepare.rle_csv.{'csv' if split == 'train' else 'test_csv'}")
+        for image in listed:
+            video, frame = _parse_stem(image.stem, regex)
+            mask = masks.get(image.stem)
+            frames.append(Frame(id=image.stem, image=str(image), mask=str(mask) if mask else None,
+                                video=video, frame=frame, split=split))
+    classes = ClassInfo(names=names, palette=default_palette(len(names)),
+                        mask_lut=identity_lut(len(names)).tolist(), dataset="rle_csv")
     return frames, classes
 
 
@@ -179,11 +248,14 @@ class Adapter:
     build: Callable[..., tuple[list[Frame], ClassInfo]]
     layout: str
     needs_root: bool = True
+    writes_files: bool = False  # gets ``work_dir``: a folder inside prepare's output for its files
 
 
 ADAPTERS: dict[str, Adapter] = {
     "demo": Adapter(DemoOptions, demo_dataset, "generated", needs_root=False),
     "folder": Adapter(FolderOptions, folder_dataset, "images/*.png|jpg + masks/*.png"),
+    "rle_csv": Adapter(RleCsvOptions, rle_csv_dataset, "images/*.png|jpg + train.csv (id,class,rle)",
+                       writes_files=True),
     "camvid": Adapter(CamvidOptions, camvid_dataset, "train/ trainannot/ val/ valannot/ [test/ testannot/]"),
     "cityscapes": Adapter(CityscapesOptions, cityscapes_dataset,
                           "leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_labelIds.png"),
@@ -230,7 +302,7 @@ def build_dataset(name: str, *, root: str | Path | None, work_dir: Path, options
     """List the frames of dataset ``name`` and describe its classes, sorted by split, video, frame.
 
     ``root`` is the dataset folder (unused by ``demo``, which writes its images under
-    ``work_dir/demo``); ``options`` is the adapter's options dataclass (see :func:`parse_options`).
+    ``work_dir/demo``; ``rle_csv`` writes its decoded masks under ``work_dir/rle_csv``); ``options`` is the adapter's options dataclass (see :func:`parse_options`).
     Frames carry absolute paths (or paths under ``work_dir``) and height/width 0 until checked.
     """
     adapter = get_adapter(name)
@@ -243,6 +315,8 @@ def build_dataset(name: str, *, root: str | Path | None, work_dir: Path, options
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
             raise PipelineError(f"{root}: dataset root not found")
+        if adapter.writes_files:
+            kwargs["work_dir"] = Path(work_dir) / name
         frames, classes = adapter.build(root, **kwargs)
         where, hint = str(root), f" for dataset '{name}' (expected {adapter.layout})"
     else:

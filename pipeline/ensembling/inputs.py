@@ -1,6 +1,7 @@
 """The members a search fits and the frames it fits them on: the members the params define,
 the labelled frames whose OOF maps they all hold, and the checks their maps pass (classes,
-strides, coverage of the train frames, the confusion matrices inference stored)."""
+strides, coverage of the train frames, or of those ``infer.oof_sample`` samples, the confusion
+matrices inference stored)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import MAP_META_FILE
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest
+from pipeline.data.oof_sample import SECTION, OOFSample, as_clips, sample_clips
 from pipeline.data.splits import read_folds
 from pipeline.inference.members import Member, list_members, member_names
 
@@ -56,28 +58,36 @@ def oof_frames(members: Sequence[Member], frames: Sequence[Frame], manifest: Pat
 
 
 def check_oof_coverage(frames: Sequence[Frame], train_ids: Mapping[str, int | None], *,
-                       where: Path, allow_partial: bool) -> dict[str, Any]:
+                       where: Path, allow_partial: bool,
+                       sample: OOFSample | None = None) -> dict[str, Any]:
     """How the OOF ``frames`` cover the train frames ``train_ids`` ({id: fold}, the folds file's;
     fold None when only the manifest is known, ``where``): {"oof_frames", "oof_frames_missing",
     "partial", "missing_folds": {fold: frames missing}}. A fit on part of the train frames (a
-    fold not trained or not inferred yet) is refused unless ``allow_partial``."""
+    fold not trained or not inferred yet) is refused unless ``allow_partial``. With a
+    ``sample`` (not full), ``train_ids`` are the sampled ones and the info says so
+    ("oof_sampled", "oof_sample": its settings)."""
+    sampled = sample is not None and not sample.full
     covered = {f.id for f in frames}
     extra = sorted(covered - set(train_ids))
     if extra:
-        raise PipelineError(f"{where}: out-of-fold frame '{extra[0]}' is not one of its train "
-                            f"frames ({len(extra)} such); the maps were made with another split")
+        which = f"sampled train frames ({SECTION})" if sampled else "train frames"
+        raise PipelineError(f"{where}: out-of-fold frame '{extra[0]}' is not one of its {which} "
+                            f"({len(extra)} such); the maps were made with another split"
+                            f"{' or sample' if sampled else ''}")
     missing = sorted(set(train_ids) - covered)
     per_fold = collections.Counter(train_ids[i] for i in missing)
     totals = collections.Counter(train_ids.values())
     info = {"oof_frames": len(covered), "oof_frames_missing": len(missing),
             "partial": bool(missing),
             "missing_folds": {str(k): per_fold[k] for k in sorted(per_fold, key=str)
-                              if k is not None}}
+                              if k is not None},
+            "oof_sampled": sampled, "oof_sample": sample.describe() if sampled else None}
     if missing and not allow_partial:
         folds = "; ".join(f"fold {k}: {per_fold[k]} of its {totals[k]}"
                           for k in sorted(per_fold, key=str) if k is not None)
         raise PipelineError(f"{where}: the members' out-of-fold maps cover {len(covered)} of its "
-                            f"{len(train_ids)} train frames, {len(missing)} missing "
+                            f"{len(train_ids)} {'sampled ' if sampled else ''}train frames, "
+                            f"{len(missing)} missing "
                             f"({folds or f'first {missing[0]!r}'}); run the missing folds' "
                             f"training and inference, or set ensemble.allow_partial: true to "
                             f"fit on the covered frames only")
@@ -155,7 +165,10 @@ class SearchInputs:
     """What :func:`read_inputs` read and checked: the ``members`` (sorted by name) and the
     ``ignored`` names of other members found, classes.json (``classes``, ``classes_path``),
     the manifest, the members' common ``stride``, the OOF ``frames`` (sorted by video, frame,
-    id) and their ``coverage`` of the train frames (:func:`check_oof_coverage`)."""
+    id) and their ``coverage`` of the train frames (:func:`check_oof_coverage`). With a
+    sample that cuts videos into windows, each frame's ``video`` names its clip (a run of
+    consecutive frames, :func:`pipeline.data.oof_sample.as_clips`), so video consistency never
+    pairs two frames across a gap of the sample."""
 
     members: list[Member]
     ignored: list[str]
@@ -173,11 +186,12 @@ class SearchInputs:
 
 def read_inputs(oof_root: Path, data_dir: Path, *, members: Sequence[str] | None,
                 folds_path: Path | None, full_size: bool, allow_partial: bool,
-                source: str) -> SearchInputs:
+                source: str, oof_sample: OOFSample | None = None) -> SearchInputs:
     """The members under ``oof_root`` (``members``: the names to use, None: all found; the
     others found are ignored, said in one line), checked against ``data_dir``'s classes.json,
     and the OOF frames of its manifest.csv, which must cover the train frames of
-    ``folds_path`` (None: the manifest's) unless ``allow_partial``."""
+    ``folds_path`` (None: the manifest's), those ``oof_sample`` samples of them (None: all),
+    unless ``allow_partial``."""
     chosen, ignored = select_members(oof_root, members, source=source)
     if ignored:
         print(f"{oof_root}: ignoring the maps of {', '.join(ignored)} (not a member "
@@ -193,7 +207,15 @@ def read_inputs(oof_root: Path, data_dir: Path, *, members: Sequence[str] | None
     else:
         where = manifest
         train_ids = {f.id: None for f in all_frames if f.split == "train" and f.mask}
-    coverage = check_oof_coverage(frames, train_ids, where=where, allow_partial=allow_partial)
+    sample = oof_sample or OOFSample()
+    if not sample.full:
+        clips = sample_clips((f for f in all_frames if f.split == "train"), sample)
+        keep = {f.id for clip in clips.values() for f in clip}
+        train_ids = {i: k for i, k in train_ids.items() if i in keep}
+    coverage = check_oof_coverage(frames, train_ids, where=where, allow_partial=allow_partial,
+                                  sample=sample)
+    if not sample.full:
+        frames = as_clips(frames, clips)
     return SearchInputs(members=chosen, ignored=ignored, classes=classes,
                         classes_path=classes_path, manifest=manifest, stride=stride,
                         frames=frames, coverage=coverage)

@@ -34,6 +34,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
                      f"{metrics['oof_frames'] + metrics['oof_frames_missing']} train frames "
                      f"({metrics['oof_frames_missing']} missing{': ' + folds if folds else ''}; "
                      f"ensemble.allow_partial)")
+    if metrics.get("oof_sampled"):
+        lines.append(f"sampled: fitted on {metrics['oof_frames']} OOF frames of infer.oof_sample "
+                     f"{metrics.get('oof_sample')}, not every train frame")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 from pipeline.core import atomic
 from pipeline.core.errors import PipelineError, unknown_name
 from pipeline.core.names import BEST_SINGLE
+from pipeline.data.oof_sample import OOFSample
 from pipeline.ensembling.cache import fingerprint
 from pipeline.ensembling.documents import Documents, documents
 from pipeline.ensembling.fit import Fit, fit_weights
@@ -66,7 +67,8 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
                     workers: int = 1, chunk_frames: int = 32, progress: bool = True,
                     params_source: str = "params.yaml", members: Sequence[str] | None = None,
                     folds_path: Path | None = None, allow_partial: bool = False,
-                    fallback: str = BEST_SINGLE, full_data_weight: float = 0.0) -> dict:
+                    fallback: str = BEST_SINGLE, full_data_weight: float = 0.0,
+                    oof_sample: OOFSample | None = None) -> dict:
     """Fit the group weights on the OOF maps under ``oof_root`` and write the outputs to
     ``out_dir`` (see the module docstring). ``groups``: explicit {S, W, A} lists or None for
     automatic ones; ``families``: {model config: family} (needed by auto groups);
@@ -76,14 +78,17 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
     the OOF maps must cover (None: the manifest's), unless ``allow_partial``; ``fallback``:
     BEST_SINGLE makes weights.json select the best single member when the best fused row
     scores below it OOF ("none": keep the fused row); ``full_data_weight``: see
-    :func:`~pipeline.ensembling.testmaps.member_test_weights`.
+    :func:`~pipeline.ensembling.testmaps.member_test_weights`; ``oof_sample``: the
+    ``infer.oof_sample`` the maps were made with (None: every train frame), whose frames the
+    fit uses and whose clips its video consistency is computed on.
     Holds ``out_dir/.search.lock`` while it writes
     (:func:`~pipeline.ensembling.lock.search_lock`).
     Returns {"weights": ..., "metrics": ..., "members": ...} as written."""
     alphas, betas = check_settings(alphas, betas, fallback=fallback,
                                    full_data_weight=full_data_weight, source=params_source)
     inputs = read_inputs(oof_root, data_dir, members=members, folds_path=folds_path,
-                         full_size=full_size, allow_partial=allow_partial, source=params_source)
+                         full_size=full_size, allow_partial=allow_partial, source=params_source,
+                         oof_sample=oof_sample)
     fam = member_families(inputs.members, families or {}, explicit=groups,
                           primary_family=primary_family, n_strong=n_strong, source=params_source)
     grouping = Grouping(groups, inputs.names, families=fam, primary_family=primary_family,
@@ -91,6 +96,8 @@ def search_ensemble(*, oof_root: Path, data_dir: Path, out_dir: Path,
     settings = {"groups": groups, "families": None if groups else fam, "alphas": alphas,
                 "primary_family": primary_family, "n_strong": n_strong, "n_aux": n_aux,
                 "betas": betas, "full_size": full_size, "frames": [f.id for f in inputs.frames]}
+    if inputs.coverage["oof_sampled"]:  # the clips decide the video consistency
+        settings["oof_sample"] = inputs.coverage["oof_sample"]
     fp = fingerprint(inputs.members, inputs.frames, inputs.classes_path, settings)
     classes = inputs.classes
     source = OofSource(members=tuple(inputs.members), lut=classes.lut_array(),

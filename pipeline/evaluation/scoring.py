@@ -3,8 +3,11 @@
 Run as ``python pipeline/evaluate.py``. PRED_DIR holds one single-channel PNG ``<id>.png`` of
 train ids per labelled frame of the split. A submission zip written by ``pipeline/submit.py`` is
 decoded back to train ids per its format (:mod:`pipeline.submission.formats`: Cityscapes
-labelIds -> trainIds, the VSPW offset undone); the format comes from the ``<name>.json`` beside
-the zip (checked to be that zip's), or ``--format`` (which wins when both exist). The zip must
+labelIds -> trainIds, the VSPW offset undone, an ``rle_csv`` table's runs decoded); the format
+(and vspw offset or rle order) comes from the ``<name>.json`` beside the zip (checked to be that
+zip's), or ``--format`` (which wins when both exist). A bare ``.csv`` is scored as an
+``id,class,rle`` table (:func:`evaluate_table`; ``--rle-order``, default column): pixels no row
+covers are "no prediction", a frame without rows is missing. The zip must
 hold each entry once, and no entry that is not a frame of the split: a stray entry means the zip
 was made for other frames (another split or manifest), and scoring the overlap would report a
 number about a set nobody chose.
@@ -40,9 +43,10 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest, read_mask, read_raw_mask
 from pipeline.evaluation import metrics, scorecard
 from pipeline.evaluation.consistency import VC_WINDOWS, VideoConsistency
-from pipeline.submission.formats import get_format
+from pipeline.submission.formats import RLE_CSV, get_format
 from pipeline.submission.sidecar import sha256_of, sidecar_path, zip_format_name
-from pipeline.submission.zips import ZipPredictions
+from pipeline.submission.tables import TablePredictions
+from pipeline.submission.zips import frame_size, open_predictions
 
 NO_PREDICTION = 255
 
@@ -188,15 +192,22 @@ def _score(source, frames: Sequence[Frame], classes, *, pred: Path, split: str, 
     return summary
 
 
+def _stray_error(path: Path, stray: list[str], *, split: str, manifest: Path, fmt) -> PipelineError:
+    return PipelineError(f"{path}: {len(stray)} entr(ies) match no '{split}' frame of {manifest}; "
+                         f"first: '{stray[0]}' (the {fmt.name} layout is {fmt.layout})")
+
+
 def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
                  classes_path: str | os.PathLike | None = None, split: str = "test",
                  out: str | os.PathLike | None = None, fmt: str | None = None,
-                 vspw_offset: int | None = None, progress: bool = True) -> dict:
+                 vspw_offset: int | None = None, rle_order: str | None = None,
+                 progress: bool = True) -> dict:
     """Evaluate a submission zip like :func:`evaluate_folder`, decoding its entries to train ids.
 
-    ``fmt`` / ``vspw_offset`` default to the values in the JSON beside the zip (submit.py's),
-    which must describe this zip (its sha256). An entry name found twice, an entry of no frame
-    of ``split`` (labelled or not) and an entry larger than its frame's PNG can be are errors.
+    ``fmt`` / ``vspw_offset`` / ``rle_order`` default to the values in the JSON beside the zip
+    (submit.py's), which must describe this zip (its sha256). An entry name found twice, an
+    entry (or a table's row) of no frame of ``split`` (labelled or not) and an entry larger than
+    its frame's PNG (or the split's table) can be are errors.
     The summary also holds the zip's ``sha256``, so a reader can tell which zip was scored.
     """
     zip_path, manifest = Path(zip_path), Path(manifest)
@@ -207,22 +218,58 @@ def evaluate_zip(zip_path: str | os.PathLike, *, manifest: str | os.PathLike,
     if not zip_path.is_file():
         raise PipelineError(f"{zip_path}: submission zip not found")
     classes = read_classes(classes_path)
-    name, offset = zip_format_name(zip_path, fmt=fmt, vspw_offset=vspw_offset)
-    submission = get_format(name, dataset=classes.dataset, vspw_offset=offset)
+    name, offset, order = zip_format_name(zip_path, fmt=fmt, vspw_offset=vspw_offset, rle_order=rle_order)
+    submission = get_format(name, dataset=classes.dataset, vspw_offset=offset, rle_order=order)
     frames = labelled_frames(manifest, split)
     split_frames = [f for f in read_manifest(manifest) if f.split == split]
-    with ZipPredictions(zip_path, fmt=submission, num_classes=classes.num_classes) as source:
+    with open_predictions(zip_path, fmt=submission, num_classes=classes.num_classes,
+                          frames=split_frames) as source:
         stray = source.unmatched(split_frames)
         if stray:
-            raise PipelineError(f"{zip_path}: {len(stray)} entr(ies) match no '{split}' frame of "
-                                f"{manifest}; first: '{stray[0]}' (the {submission.name} layout "
-                                f"is {submission.layout})")
+            raise _stray_error(zip_path, stray, split=split, manifest=manifest, fmt=submission)
         return _score(source, frames, classes, pred=zip_path, split=split, what="entry", out=out,
                       progress=progress, format=submission.name, sha256=sha256_of(zip_path),
                       manifest=str(manifest))
 
 
+def evaluate_table(csv_path: str | os.PathLike, *, manifest: str | os.PathLike,
+                   classes_path: str | os.PathLike | None = None, split: str = "test",
+                   out: str | os.PathLike | None = None, rle_order: str = "column",
+                   progress: bool = True) -> dict:
+    """Evaluate a bare ``id,class,rle`` CSV (the ``rle_csv`` format's table, unzipped) like
+    :func:`evaluate_zip`: rows of an id of no ``split`` frame are an error; ``rle_order`` says
+    how its pixels are numbered. The summary holds the file's ``sha256``."""
+    csv_path, manifest = Path(csv_path), Path(manifest)
+    classes_path = resolve_classes_path(manifest, classes_path)
+    out = Path(out) if out else default_out(csv_path)
+    atomic.refuse_overwrite(out, input_paths(csv_path, manifest, classes_path))
+    if not csv_path.is_file():
+        raise PipelineError(f"{csv_path}: RLE CSV not found")
+    classes = read_classes(classes_path)
+    submission = get_format(RLE_CSV, dataset=classes.dataset, rle_order=rle_order)
+    frames = labelled_frames(manifest, split)
+    split_frames = [f for f in read_manifest(manifest) if f.split == split]
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{csv_path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    source = TablePredictions(text, fmt=submission, num_classes=classes.num_classes, name=str(csv_path),
+                              size_of=frame_size)
+    stray = source.unmatched(split_frames)
+    if stray:
+        raise _stray_error(csv_path, stray, split=split, manifest=manifest, fmt=submission)
+    return _score(source, frames, classes, pred=csv_path, split=split, what="row", out=out,
+                  progress=progress, format=submission.name, rle_order=submission.rle_order,
+                  sha256=sha256_of(csv_path), manifest=str(manifest))
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    """A ``.csv`` path (existing or not): scored as a bare ``id,class,rle`` table."""
+    return Path(path).suffix.lower() == ".csv"
+
+
 def is_zip(path: str | os.PathLike) -> bool:
-    """A ``.zip`` path (existing or not) or any existing file: scored as a submission zip."""
+    """A ``.zip`` path (existing or not) or any other existing file but a ``.csv``: scored as a
+    submission zip."""
     path = Path(path)
-    return path.suffix.lower() == ".zip" or path.is_file()
+    return path.suffix.lower() == ".zip" or (path.is_file() and not is_table(path))

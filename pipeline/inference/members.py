@@ -5,7 +5,8 @@ Layout of one ensemble member (``<model>_s<seed>``), one directory per training 
 without it is incomplete and ignored); the run trained on all folds (``fall``) has only test maps.
 
 Each ``<id>.npz`` is one map file of :mod:`pipeline.inference.mapfile`; a member reads its maps
-through it, checked against what the run's meta.json says they hold (classes, quant, stride).
+through it, checked against what the run's meta.json says they hold (classes, quant, stride,
+topk; a meta.json without "topk" is from before top-k maps: dense, 0).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def map_path(directory: str | os.PathLike, frame_id: str) -> Path:
 
 def write_run_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     """Write ``run_dir/meta.json`` (last, after every map). ``meta`` needs member, fold,
-    classes (count), quant and stride; seed, checkpoint, tta and counts ({"oof": n, "test": m},
-    checked on read) are expected too."""
+    classes (count), quant and stride; seed, checkpoint, tta, topk (0 = dense when absent) and
+    counts ({"oof": n, "test": m}, checked on read) are expected too."""
     missing = [key for key in RUN_META_KEYS if key not in meta]
     if missing:
         raise PipelineError(f"{run_dir}/{MAP_META_FILE}: missing keys {', '.join(missing)}")
@@ -67,7 +68,7 @@ class Member:
     """One ensemble member: the runs under ``oof_preds/<member>/f*/`` that hold a meta.json.
 
     ``folds``: fold numbers (then "all"), ``meta``: {fold: meta.json}, ``classes``/``quant``/
-    ``stride``: shared by every run (checked).
+    ``stride``/``topk``: shared by every run (checked).
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -84,16 +85,18 @@ class Member:
             raise PipelineError(f"{self.root}: no f*/{MAP_META_FILE} (not a member, or no run done)")
         self.folds: list[int | str] = sorted(self.meta, key=_fold_key)
         first = self.meta[self.folds[0]]
-        for key in ("classes", "quant", "stride"):
-            values = [(fold, self.meta[fold][key]) for fold in self.folds]
+        for key in ("classes", "quant", "stride", "topk"):
+            values = [(fold, self.meta[fold].get(key, 0)) for fold in self.folds]
             if len({json.dumps(v) for _, v in values}) > 1:
                 raise PipelineError(f"{self.root}: runs disagree on {key}: "
                                     + ", ".join(f"f{fold}={v}" for fold, v in values))
         self.classes: int = first["classes"]
         self.quant: str = first["quant"]
         self.stride: int = first["stride"]
+        self.topk: int = first.get("topk", 0)   # absent: written before top-k maps, dense
         # every map of the member is stored as its runs' meta.json says (checked on read)
-        self.expect = {"classes": self.classes, "quant": self.quant, "stride": self.stride}
+        self.expect = {"classes": self.classes, "quant": self.quant, "stride": self.stride,
+                       "topk": self.topk}
         self._oof: dict[str, int | str] | None = None
         self._test: dict[str, list[int | str]] | None = None
 
@@ -223,8 +226,9 @@ def list_members(root: str | os.PathLike, names: Iterable[str] | None = None) ->
 
 
 def check_coverage(member: Member, expected_ids: Iterable[str]) -> int:
-    """Check that the member's out-of-fold maps cover ``expected_ids`` (the train frames) exactly
-    once; returns their number, raises a PipelineError naming the first missing or extra id."""
+    """Check that the member's out-of-fold maps cover ``expected_ids`` (the train frames, or
+    those ``infer.oof_sample`` samples: :func:`pipeline.data.oof_sample.sampled_ids`) exactly once;
+    returns their number, raises a PipelineError naming the first missing or extra id."""
     expected = set(expected_ids)
     have = set(member.oof_ids())  # raises on a frame predicted in two folds
     missing, extra = sorted(expected - have), sorted(have - expected)

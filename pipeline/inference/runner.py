@@ -2,7 +2,8 @@
 
 A run (model config x fold x seed) predicts, with its SWA weights when averaged (else its best
 checkpoint), the frames of its validation fold (out-of-fold: every train frame is predicted
-exactly once, by the fold model that never trained on it) and every test frame. Maps go to
+exactly once, by the fold model that never trained on it; or, with ``infer.oof_sample``,
+every frame of :mod:`pipeline.data.oof_sample`'s sample) and every test frame. Maps go to
 ``oof_preds/<model>_s<seed>/f<fold>/{oof,test}/<id>.npz`` through :mod:`pipeline.inference.mapfile`;
 ``meta.json`` is written last. An interrupted run resumes: maps already written with the same
 weights and settings are kept, not recomputed.
@@ -10,6 +11,7 @@ weights and settings are kept, not recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -27,6 +29,7 @@ from pipeline.core.names import ALL_FOLDS, MAP_META_FILE, MAP_SPLITS, member_nam
 from pipeline.core.runs import RunPaths
 from pipeline.data.dataset import SegmentationDataset, build_eval_loader
 from pipeline.data.manifest import ClassInfo, Frame, read_classes, read_manifest
+from pipeline.data.oof_sample import OOFSample, sampled_ids
 from pipeline.data.splits import train_val_ids
 from pipeline.data.transforms import transform_from_params, val_scale
 from pipeline.evaluation.metrics import ConfusionMatrix, mean_iou
@@ -46,11 +49,14 @@ class InferParams:
     tta: dict = field(default_factory=dict)   # keys of pipeline.inference.tta.TTAConfig; {} = defaults
     quant: str = "uint8"                       # uint8 | float16
     stride: int = 1                            # keep every stride-th row/column of the maps
+    weights: str = "auto"   # auto (swa, ema, best, last: the first present) | swa | ema | best | last
+    topk: int = 0   # 0 = dense maps; K: the K most probable classes per pixel (pipeline.inference.mapfile)
     splits: list = field(default_factory=lambda: list(MAP_SPLITS))
     compare_single: bool = True                # also score OOF with one plain view
     device: str = "auto"
     num_workers: int = 0
     out: str = "oof_preds"
+    oof_sample: dict = field(default_factory=dict)  # keys of data.oof_sample.OOFSample; {} = all
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -61,10 +67,11 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def estimate_map_bytes(frames: Sequence[Frame], *, num_classes: int, quant: str, stride: int) -> int:
+def estimate_map_bytes(frames: Sequence[Frame], *, num_classes: int, quant: str, stride: int,
+                       topk: int = 0) -> int:
     """Upper bound of the bytes the maps of ``frames`` take (uncompressed codes)."""
     return sum(stored_bytes(classes=num_classes, height=f.height, width=f.width, stride=stride,
-                            quant=quant) for f in frames)
+                            quant=quant, topk=topk) for f in frames)
 
 
 def check_disk(directory: Path, need: int, *, margin: float = 1.1) -> None:
@@ -99,18 +106,25 @@ def _prepare_dir(out_dir: Path, fingerprint: dict) -> bool:
 
 
 def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path, tta: TTAConfig,
-              quant: str = "uint8", stride: int = 1, splits: Sequence[str] = MAP_SPLITS,
+              quant: str = "uint8", stride: int = 1, topk: int = 0,
+              splits: Sequence[str] = MAP_SPLITS,
               compare_single: bool = True, device: torch.device, num_workers: int = 0,
-              progress: bool = True) -> dict:
+              progress: bool = True, oof_sample: OOFSample | None = None,
+              weights: str = "auto") -> dict:
     """Write the run's OOF and test maps and return its metrics (OOF mIoU with/without TTA).
 
     ``compare_single`` also scores the OOF frames with one plain forward (no TTA), so the gain
-    of TTA is measured on the same weights.
+    of TTA is measured on the same weights. ``oof_sample``: only the OOF frames it samples
+    (:func:`pipeline.data.oof_sample.sample_clips`; None: all) get maps and are scored, said in
+    the metrics and meta.json; maps of frames it no longer samples are removed. ``topk``: 0 =
+    dense maps, K = the K most probable classes per pixel (:mod:`pipeline.inference.mapfile`).
+    ``weights``: which of the run's weights predict (:meth:`pipeline.core.runs.RunPaths.final_weights`).
     """
+    sample = oof_sample or OOFSample()
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():
         raise PipelineError(f"{paths.root}: run directory not found")
-    weights = paths.final_weights()
+    weights = paths.final_weights(weights)
     model, ckpt = model_from_checkpoint(weights)
     model.to(device).eval()
     run_cfg = (ckpt.get("config") or {}).get("run") or {}
@@ -125,6 +139,9 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
     if list(trained.names) != list(classes.names):
         raise PipelineError(f"{Path(data_dir) / 'classes.json'}: classes differ from those "
                             f"{weights} was trained with ({trained.num_classes} classes)")
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk < classes.num_classes:
+        raise PipelineError(f"infer.topk: must be an integer in [0, {classes.num_classes - 1}] "
+                            f"for {classes.num_classes} classes (0 = dense maps), got {topk!r}")
 
     frames = {"oof": [], "test": []}
     manifest = Path(data_dir) / "manifest.csv"
@@ -134,22 +151,33 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
         frames["oof"] = [by_id[i] for i in val_ids if i in by_id]
         if len(frames["oof"]) != len(val_ids):
             raise PipelineError(f"{folds_path}: fold {fold} lists ids missing from {manifest}")
+        if not sample.full:  # drawn from the whole train split, as every checker draws it
+            keep = sampled_ids(by_id.values(), sample)
+            frames["oof"] = [f for f in frames["oof"] if f.id in keep]
     if "test" in splits:
         frames["test"] = read_manifest(manifest, split="test")
 
     member = member_name(name, seed)
     out_dir = run_map_dir(out_root, member, fold)
     fingerprint = {"weights": str(weights), "sha256": file_sha256(weights), "tta": asdict(tta),
-                   "quant": quant, "stride": stride, "classes": classes.num_classes}
+                   "quant": quant, "stride": stride, "classes": classes.num_classes,
+                   **({"topk": topk} if topk else {})}  # dense: resumes maps of before top-k
     check_disk(out_dir, estimate_map_bytes(frames["oof"] + frames["test"],
                                            num_classes=classes.num_classes, quant=quant,
-                                           stride=stride))
+                                           stride=stride, topk=topk))
     resumed = _prepare_dir(out_dir, fingerprint)
+    wanted = {map_path(out_dir / "oof", f.id) for f in frames["oof"]}
+    sampled_oof = "oof" in splits and fold != ALL_FOLDS and not sample.full
+    for stale in sorted((out_dir / "oof").glob(f"*{EXT}")) if sampled_oof else ():
+        if stale not in wanted:  # a frame the sample (or the fold) no longer holds
+            stale.unlink()
     (out_dir / MAP_META_FILE).unlink(missing_ok=True)  # rewritten last, once every map exists
 
     augment = run_cfg.get("augment") or {}
     transform = transform_from_params(augment, train=False, source=f"{weights}: run.augment")
-    amp = bool(run_cfg.get("amp", False)) and tta.amp
+    # one precision for every view, the plain one too: infer.tta.amp, else the run's own
+    amp = run_cfg.get("amp", True) if tta.amp is None else tta.amp
+    tta = dataclasses.replace(tta, amp=amp)
     cm_tta = ConfusionMatrix(num_classes=classes.num_classes, ignore_index=classes.ignore_index)
     cm_single = ConfusionMatrix(num_classes=classes.num_classes, ignore_index=classes.ignore_index)
     # "one view" is the run's own validation scale (what swa.py scores), not always scale 1
@@ -182,7 +210,7 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
                                                        num_classes=classes.num_classes)
                 plain = plain if plain_scale == 1.0 else None  # the by-product is at scale 1
                 probs_np = probs[0].float().cpu().numpy()
-                write_probs(target, probs_np, quant=quant, stride=stride,
+                write_probs(target, probs_np, quant=quant, stride=stride, topk=topk,
                             meta={"member": member, "id": frame_id, "fold": fold,
                                   "split": split, "weights": str(weights)})
                 labels = probs_np.argmax(0).astype(np.uint8)
@@ -207,15 +235,19 @@ def infer_run(*, run_dir: Path, out_root: Path, data_dir: Path, folds_path: Path
     write_run_meta(out_dir, {"member": member, "model": name, "fold": fold, "seed": seed,
                              "family": run_cfg.get("family", "primary"),
                              "classes": classes.num_classes, "class_names": list(classes.names),
-                             "quant": quant, "stride": stride, "checkpoint": str(weights),
+                             "quant": quant, "stride": stride, "topk": topk,
+                             "checkpoint": str(weights),
                              "tta": asdict(tta), "counts": counts,
                              "oof_cm_tta": cm_tta.matrix.tolist() if oof else None,
                              "oof_cm_single": single.matrix.tolist()
-                             if oof and single is not None else None})
+                             if oof and single is not None else None,
+                             **({"oof_sample": sample.describe()} if sampled_oof else {})})
     metrics = {"member": member, "fold": fold, "weights": weights.name,
                "oof_frames": len(frames["oof"]), "test_frames": len(frames["test"]),
                "reused_maps": kept if resumed else 0, "views": tta.num_views,
-               "oof_miou_single": miou_single, "oof_miou_tta": miou_tta}
+               "oof_miou_single": miou_single, "oof_miou_tta": miou_tta,
+               # the OOF mIoU above is over the sampled frames only: not comparable to a full one
+               "oof_sampled": sampled_oof, "oof_sample": sample.describe() if sampled_oof else None}
     atomic.write_json(paths.infer_metrics, metrics)
     return metrics
 

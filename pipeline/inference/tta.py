@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import build_section
+from pipeline.core.runs import amp_mode
 from pipeline.models.predict import autocast, forward_padded
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -38,7 +39,9 @@ class TTAConfig:
     ``scales`` multiply both sides (sizes rounded to ints); ``flip`` adds the mirrored view of
     each scale; ``crop_hw`` [h, w] switches a scaled image larger than it to sliding windows
     (None: always the whole image) that overlap by the fraction ``overlap`` of the crop;
-    ``batch_size`` is the most views or windows per forward; ``amp`` is bf16 autocast on CUDA;
+    ``batch_size`` is the most views or windows per forward; ``amp``: None (the default) = as
+    the run trained (``models.<name>.amp``), else a mode of :data:`pipeline.core.runs.AMP_MODES`
+    or a boolean (true = auto, false = off; see :func:`pipeline.models.predict.resolve_amp`);
     images and windows are zero-padded to a multiple of ``pad_multiple`` (the encoder stride).
     """
 
@@ -47,7 +50,7 @@ class TTAConfig:
     crop_hw: tuple[int, int] | None = None
     overlap: float = 1 / 3
     batch_size: int = 8
-    amp: bool = True
+    amp: bool | str | None = None
     pad_multiple: int = 32
 
     def __post_init__(self) -> None:
@@ -73,10 +76,10 @@ class TTAConfig:
             if not _positive_int(getattr(self, key)):
                 raise PipelineError(f"'tta.{key}' must be a positive integer, "
                                     f"got {getattr(self, key)!r}")
-        for key in ("flip", "amp"):
-            if not isinstance(getattr(self, key), bool):
-                raise PipelineError(f"'tta.{key}' must be true or false, "
-                                    f"got {getattr(self, key)!r}")
+        if not isinstance(self.flip, bool):
+            raise PipelineError(f"'tta.flip' must be true or false, got {self.flip!r}")
+        if self.amp is not None:
+            amp_mode(self.amp, where="tta.amp")
 
     @property
     def num_views(self) -> int:
@@ -169,6 +172,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _amp(tta: TTAConfig) -> bool | str:
+    """The autocast setting of ``tta``: its own, or ``auto`` where it defers to a run that
+    the caller has not resolved (see :class:`TTAConfig`)."""
+    return "auto" if tta.amp is None else tta.amp
+
+
 def _forward(model: nn.Module, x: torch.Tensor, *, num_classes: int, amp: bool,
              pad_multiple: int) -> torch.Tensor:
     with autocast(x.device, amp):
@@ -218,9 +227,9 @@ def _view_logits(model: nn.Module, views: torch.Tensor, *, tta: TTAConfig,
     h, w = views.shape[-2:]
     if tta.crop_hw is not None and (h > tta.crop_hw[0] or w > tta.crop_hw[1]):
         return sliding_window(model, views, crop_hw=tta.crop_hw, overlap=tta.overlap,
-                              num_classes=num_classes, batch_size=tta.batch_size, amp=tta.amp,
+                              num_classes=num_classes, batch_size=tta.batch_size, amp=_amp(tta),
                               pad_multiple=tta.pad_multiple)
-    return _forward(model, views, num_classes=num_classes, amp=tta.amp,
+    return _forward(model, views, num_classes=num_classes, amp=_amp(tta),
                     pad_multiple=tta.pad_multiple)
 
 

@@ -82,6 +82,17 @@ def even_split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
+def sampled_frames(*, frames: int, videos: int, windows: int, length: int,
+                   every_nth_video: int, seed: int = 0) -> int:
+    """Train frames ``infer.oof_sample`` keeps when ``frames`` are split evenly over ``videos``
+    (:func:`even_split`, in name order): every ``every_nth_video``-th video from ``seed`` mod N,
+    each whole or, with ``windows``, ``windows`` x ``length`` of it when it is longer (the rule
+    of :func:`pipeline.data.oof_sample.sample_clips`)."""
+    sizes = even_split(frames, max(1, videos))[seed % every_nth_video::every_nth_video]
+    cap = windows * length
+    return sum(n if not windows or n <= cap else cap for n in sizes)
+
+
 def hours(count: int | None, per_second: float | None) -> float | None:
     """Hours one device takes for ``count`` images or passes at ``per_second``; None when
     either is unknown (0 for nothing to do)."""

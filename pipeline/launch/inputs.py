@@ -15,6 +15,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import load_section, read_params
 from pipeline.core.runs import load_model_params, load_train_params
+from pipeline.data.oof_sample import oof_sample_from_params
 from pipeline.inference.mapfile import QUANTS
 from pipeline.inference.runner import InferParams
 from pipeline.inference.tta import tta_from_params
@@ -47,12 +48,19 @@ def plan_from_params(*, params_path: str | Path, data_dir: str | Path, folds_pat
     if infer.quant not in QUANTS or infer.stride < 1:
         raise PipelineError(f"{source}: infer.quant must be one of {', '.join(QUANTS)} and "
                             f"infer.stride >= 1, got {infer.quant!r} and {infer.stride}")
+    if isinstance(infer.topk, bool) or not isinstance(infer.topk, int) or infer.topk < 0:
+        raise PipelineError(f"{source}: infer.topk must be an integer >= 0 (0 = dense maps), "
+                            f"got {infer.topk!r}")
     speed = load_section(PlanParams, "plan", params_path)
     data = read_data_shape(data_dir=Path(data_dir), folds_path=Path(folds_path),
                            n_folds=_n_folds(read_params(params_path), source), frames=frames,
                            test_frames=test_frames, height=height, width=width, classes=classes,
-                           videos=videos)
+                           videos=videos,
+                           oof_sample=oof_sample_from_params(infer.oof_sample, source=source))
     num_classes = data.classes if data is not None and data.classes else None
+    if num_classes and infer.topk >= num_classes:
+        raise PipelineError(f"{source}: infer.topk must be below the {num_classes} classes "
+                            f"(0 = dense maps), got {infer.topk}")
     sizes = ({name: model_size(cfg, num_classes=num_classes or 1) for name, cfg in configs.items()}
              if with_models else None)
     given = (speed.train_images_per_s or None, speed.infer_views_per_s or None)
@@ -68,7 +76,8 @@ def plan_from_params(*, params_path: str | Path, data_dir: str | Path, folds_pat
     plan = make_plan(models=train.models, students=train.students, folds=train.folds,
                      seeds=train.seeds, student_seeds=train.student_seeds, configs=configs,
                      tta=tta, quant=infer.quant, stride=infer.stride, splits=infer.splits,
-                     compare_single=infer.compare_single, data=data, sizes=sizes, speeds=speeds)
+                     compare_single=infer.compare_single, data=data, sizes=sizes, speeds=speeds,
+                     topk=infer.topk)
     where, free = free_disk(infer.out)
     plan["params"] = source
     plan["weights_counted_for_classes"] = num_classes or (1 if with_models else None)

@@ -35,11 +35,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.launch.progress import Board, LaneState
 
 
 def member_targets(*, models: Sequence[str], students: Sequence[dict], folds: Sequence[int],
@@ -148,12 +149,17 @@ def _killpg(proc: subprocess.Popen, signum: int) -> None:
 
 
 def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str], logs: Path,
-              dry_run: bool = False, lanes: Lanes | None = None) -> None:
+              dry_run: bool = False, lanes: Lanes | None = None, board: Board | None = None,
+              lane_state: Callable[..., LaneState] | None = None) -> None:
     """``dvc --wait-for-lock repro -s STAGE`` for the stages of every chain in order, ``jobs``
-    chains at a time, run by ``lanes`` (after a signal: no new chain, wait for the running)."""
+    chains at a time, run by ``lanes`` (after a signal: no new chain, wait for the running).
+
+    ``board`` with ``lane_state(lane=, chain=, log=)``: each running chain's live line
+    (:mod:`pipeline.launch.progress`); the lanes' messages then go through the board."""
     if not chains:
         return
     lanes = lanes or Lanes()
+    say = board.print if board is not None else (lambda message: print(message, flush=True))
     cores = os.cpu_count() or 1
     if not dry_run:
         logs.mkdir(parents=True, exist_ok=True)
@@ -173,12 +179,17 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
                 with lock:
                     print(f"  lane {lane}: {shlex.join(cmd[2:])}", flush=True)
                 return chain[-1], 0, 0.0
-            with open(log_path(logs, chain[-1]), "w") as log:
+            path = log_path(logs, chain[-1])
+            with open(path, "w") as log:
                 log.write(f"$ {shlex.join(cmd[2:])}\n")
                 log.flush()
+                if board is not None and lane_state is not None:
+                    board.add(lane_state(lane=lane, chain=chain, log=path))
                 code = lanes.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             return chain[-1], code, time.monotonic() - start
         finally:
+            if board is not None:
+                board.remove(lane)
             with lock:
                 free.append(lane)
 
@@ -195,11 +206,12 @@ def run_lanes(chains: Sequence[Sequence[str]], *, jobs: int, gpus: Sequence[str]
                 target, code, seconds = future.result()
                 done += 1
                 with lock:  # not in the middle of a dry run's line
-                    print(f"[{done}/{len(chains)}] {target}: "
-                          f"{'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
-                          flush=True)
+                    say(f"[{done}/{len(chains)}] {target}: "
+                        f"{'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s")
                 if code:
                     failed.append(target)
+    if board is not None:
+        board.draw()  # no lane left: clear the board before others write
     lanes.exit_if_stopped()
     if failed:
         log = log_path(logs, failed[0])

@@ -78,7 +78,7 @@ def probe_throughput(cfg: RunConfig, *, num_classes: int, train_hw: Sequence[int
     (at most :data:`CPU_PROBE_BATCH` on a CPU), inference views or windows of ``infer_hw`` in
     batches of ``infer_batch`` (same cap), each the median of ``steps`` timed steps."""
     cap = CPU_PROBE_BATCH if device.type == "cpu" else None
-    amp = bool(cfg.model.amp)
+    amp = cfg.model.amp  # a name or a boolean: pipeline.models.predict.resolve_amp
     model = untrained_model(cfg, num_classes=num_classes, device="cpu").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = min(cfg.model.batch_size, cap or cfg.model.batch_size)

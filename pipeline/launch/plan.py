@@ -11,7 +11,9 @@ prepared yet, :func:`read_data_shape` takes the numbers instead (``--frames N --
 Per model config, over its runs (folds x seeds; a student's: folds x student_seeds):
 
 * training images: (iters + swa.iters) x batch_size per run;
-* TTA passes: every run predicts its fold's OOF frames and every test frame, each with
+* TTA passes: every run predicts its fold's OOF frames (those ``infer.oof_sample`` samples:
+  exact from the manifest, :func:`pipeline.launch.costs.sampled_frames` from numbers) and every
+  test frame, each with
   :func:`pipeline.inference.tta.forward_passes` (scales x (2 with flip) x sliding windows);
 * other passes: validations x fold frames, the SWA stage's BatchNorm pass over the training
   frames and its check on the fold, compare_single's plain view when TTA lacks it, and a
@@ -19,7 +21,8 @@ Per model config, over its runs (folds x seeds; a student's: folds x student_see
 * checkpoints and snapshots: :func:`pipeline.launch.costs.checkpoint_bytes` of the state dict
   of the model built without weights (:func:`pipeline.launch.measure.model_size`);
 * maps: :func:`pipeline.inference.mapfile.stored_bytes` per map (classes x ceil(H/stride) x
-  ceil(W/stride) x 1 byte for uint8, 2 for float16): an upper bound, before compression;
+  ceil(W/stride) x 1 byte for uint8, 2 for float16; with ``infer.topk`` K, K codes and K class
+  ids per pixel instead of C codes): an upper bound, before compression;
 * device-hours: training images / ``train_images_per_s`` + passes / ``infer_views_per_s``,
   from the optional ``plan:`` section of params.yaml or measured by ``--probe``.
 """
@@ -36,6 +39,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.names import ALL_FOLDS, MANIFEST_SPLITS
 from pipeline.core.runs import RunConfig
 from pipeline.data.manifest import read_classes, read_manifest
+from pipeline.data.oof_sample import OOFSample, sampled_ids
 from pipeline.data.splits import read_folds
 from pipeline.data.transforms import val_scale
 from pipeline.inference.mapfile import stored_bytes
@@ -66,6 +70,8 @@ class DataShape:
     videos: int | None
     source: str                               # where the frame counts come from
     fold_source: str
+    oof: Mapping[int, Mapping[Size, int]] | None = None  # sampled OOF frames (None: all)
+    oof_sample: Mapping | None = None         # infer.oof_sample settings (None: all frames)
 
 
 def _even_folds(train: Mapping[Size, int], n_folds: int) -> dict[int, dict[Size, int]]:
@@ -80,9 +86,15 @@ def _even_folds(train: Mapping[Size, int], n_folds: int) -> dict[int, dict[Size,
 def read_data_shape(*, data_dir: Path, folds_path: Path, n_folds: int | None,
                     frames: int | None = None, test_frames: int = 0, height: int | None = None,
                     width: int | None = None, classes: int | None = None,
-                    videos: int | None = None) -> DataShape | None:
+                    videos: int | None = None,
+                    oof_sample: OOFSample | None = None) -> DataShape | None:
     """The dataset from ``frames`` (train frames) and the other overrides when given, else from
-    ``data_dir``'s manifest (``classes`` and ``videos`` still override); None when neither."""
+    ``data_dir``'s manifest (``classes`` and ``videos`` still override); None when neither.
+    ``oof_sample``: the OOF frames inference predicts (None: all). With ``frames``, ``videos``
+    is the number of train videos those frames spread over (the sample's estimate draws from
+    them); from the manifest it counts every video, test ones too."""
+    sample = oof_sample or OOFSample()
+    described = {"oof_sample": sample.describe()}
     if frames is not None:
         if height is None or width is None or min(frames, test_frames, height, width) < 0:
             raise PipelineError("--frames needs --height and --width (frame size in pixels), "
@@ -91,10 +103,20 @@ def read_data_shape(*, data_dir: Path, folds_path: Path, n_folds: int | None,
             raise PipelineError("folds.n_folds: needed to split --frames into folds")
         size = (height, width)
         train = {size: frames} if frames else {}
+        oof = None
+        if not sample.full:
+            if not videos:
+                raise PipelineError("infer.oof_sample: give --videos to estimate the sampled "
+                                    "OOF frames of --frames")
+            kept = costs.sampled_frames(frames=frames, videos=videos, windows=sample.windows,
+                                        length=sample.length, seed=sample.seed,
+                                        every_nth_video=sample.every_nth_video)
+            oof = _even_folds({size: kept} if kept else {}, n_folds)
         return DataShape(train=train, test={size: test_frames} if test_frames else {},
                          folds=_even_folds(train, n_folds), classes=classes, videos=videos,
                          source="numbers given (--frames ...)",
-                         fold_source=f"folds.n_folds = {n_folds}, frames split evenly")
+                         fold_source=f"folds.n_folds = {n_folds}, frames split evenly",
+                         oof=oof, **described)
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
         return None
@@ -103,14 +125,18 @@ def read_data_shape(*, data_dir: Path, folds_path: Path, n_folds: int | None,
     test = Counter((f.height, f.width) for f in rows if f.split == TEST)
     if classes is None and (data_dir / "classes.json").is_file():
         classes = read_classes(data_dir / "classes.json").num_classes
-    folds, fold_source = None, ""
+    keep = None if sample.full else sampled_ids((f for f in rows if f.split == TRAIN), sample)
+    folds, oof, fold_source = None, None, ""
     if folds_path.is_file():
         assignment = read_folds(folds_path)
         if set(assignment) == {f.id for f in rows if f.split == TRAIN}:
             folds = {k: Counter() for k in range(max(assignment.values()) + 1)}
+            oof = None if keep is None else {k: Counter() for k in folds}
             for f in rows:
                 if f.split == TRAIN:
                     folds[assignment[f.id]][(f.height, f.width)] += 1
+                    if keep is not None and f.id in keep:
+                        oof[assignment[f.id]][(f.height, f.width)] += 1
             fold_source = f"{folds_path}, {len(folds)} folds"
         else:
             fold_source = f"{folds_path} lists other ids than the manifest (stale); "
@@ -119,10 +145,12 @@ def read_data_shape(*, data_dir: Path, folds_path: Path, n_folds: int | None,
             raise PipelineError("folds.n_folds: needed to split the train frames into folds "
                                 f"({folds_path} is absent)")
         folds = _even_folds(train, n_folds)
+        if keep is not None:
+            oof = _even_folds(Counter((f.height, f.width) for f in rows if f.id in keep), n_folds)
         fold_source += f"folds.n_folds = {n_folds}, frames split evenly"
     return DataShape(train=dict(train), test=dict(test), folds=folds, classes=classes,
                      videos=len({f.video for f in rows}) if videos is None else videos,
-                     source=str(manifest), fold_source=fold_source)
+                     source=str(manifest), fold_source=fold_source, oof=oof, **described)
 
 
 def _total(values: Sequence[int | float | None]) -> int | float | None:
@@ -132,7 +160,7 @@ def _total(values: Sequence[int | float | None]) -> int | float | None:
 def _config_row(*, name: str, kind: str, cfg: RunConfig, folds: Sequence, seeds: Sequence[int],
                 data: DataShape | None, tta: TTAConfig, quant: str, stride: int,
                 splits: Sequence[str], compare_single: bool, size: tuple[int, int] | None,
-                speed: tuple[float | None, float | None]) -> dict:
+                speed: tuple[float | None, float | None], topk: int = 0) -> dict:
     """The plan of one model config over its folds x seeds runs (see the module docstring)."""
     m, swa, n_seeds = cfg.model, cfg.swa, len(seeds)
     snaps = costs.snapshot_count(swa_iters=swa.iters, swa_interval=swa.interval)
@@ -158,17 +186,21 @@ def _config_row(*, name: str, kind: str, cfg: RunConfig, folds: Sequence, seeds:
         tta_oof = tta_test = other = maps_oof = maps_test = 0
         for fold in folds:
             oof = {} if fold == ALL_FOLDS else data.folds[fold]
+            # inference predicts (and compare_single re-scores) only the sampled OOF frames
+            predicted = oof if data.oof is None or fold == ALL_FOLDS else data.oof[fold]
             n_oof = sum(oof.values())
             if "oof" in splits:
-                tta_oof += sum(n * forward_passes(s, tta=tta) for s, n in oof.items())
-                maps_oof += sum(n * _map_bytes(s, data, quant, stride) for s, n in oof.items())
+                tta_oof += sum(n * forward_passes(s, tta=tta) for s, n in predicted.items())
+                maps_oof += sum(n * _map_bytes(s, data, quant, stride, topk)
+                                for s, n in predicted.items())
             if "test" in splits:
                 tta_test += sum(n * forward_passes(s, tta=tta) for s, n in data.test.items())
-                maps_test += sum(n * _map_bytes(s, data, quant, stride)
+                maps_test += sum(n * _map_bytes(s, data, quant, stride, topk)
                                  for s, n in data.test.items())
             checks = costs.validations(iters=m.iters, swa_iters=swa.iters,
                                        val_interval=m.val_interval)
-            other += (checks * n_oof + (n_oof if extra_view and "oof" in splits else 0)
+            rescored = sum(predicted.values()) if extra_view and "oof" in splits else 0
+            other += (checks * n_oof + rescored
                       + costs.swa_passes(train_frames=n_train - n_oof, val_frames=n_oof,
                                          batch_size=m.batch_size, snapshots=snaps)
                       + (per_run if kind == "student" else 0))   # the teacher's forwards
@@ -185,11 +217,11 @@ def _config_row(*, name: str, kind: str, cfg: RunConfig, folds: Sequence, seeds:
     return row
 
 
-def _map_bytes(size: Size, data: DataShape, quant: str, stride: int) -> int:
+def _map_bytes(size: Size, data: DataShape, quant: str, stride: int, topk: int = 0) -> int:
     if data.classes is None:
         return 0
     return stored_bytes(classes=data.classes, height=size[0], width=size[1], stride=stride,
-                        quant=quant)
+                        quant=quant, topk=topk)
 
 
 TOTALS = ("runs", "images_seen", "tta_passes_oof", "tta_passes_test", "other_passes",
@@ -202,12 +234,14 @@ def make_plan(*, models: Sequence[str], students: Sequence[dict], folds: Sequenc
               configs: Mapping[str, RunConfig], tta: TTAConfig, quant: str, stride: int,
               splits: Sequence[str], compare_single: bool, data: DataShape | None,
               sizes: Mapping[str, tuple[int, int]] | None = None,
-              speeds: Mapping[str, tuple[float | None, float | None]] | None = None) -> dict:
+              speeds: Mapping[str, tuple[float | None, float | None]] | None = None,
+              topk: int = 0) -> dict:
     """The plan as a JSON-able dict: ``rows`` (one per model config, its runs together),
     ``total``, ``runs`` (:func:`pipeline.launch.costs.count_runs`) and what it assumed.
 
     ``sizes``: {config: (state-dict bytes, trainable weights)} (None: checkpoints unknown);
-    ``speeds``: {config: (train images/s, inference forwards/s)} (None entries: unknown)."""
+    ``speeds``: {config: (train images/s, inference forwards/s)} (None entries: unknown);
+    ``topk``: infer.topk (0 = dense maps)."""
     if data is not None:
         missing = [f for f in folds if f != ALL_FOLDS and f not in data.folds]
         if missing:
@@ -217,7 +251,7 @@ def make_plan(*, models: Sequence[str], students: Sequence[dict], folds: Sequenc
                + [(s["name"], "student", student_seeds) for s in students])
     rows = [_config_row(name=name, kind=kind, cfg=configs[name], folds=folds, seeds=run_seeds,
                         data=data, tta=tta, quant=quant, stride=stride, splits=splits,
-                        compare_single=compare_single,
+                        compare_single=compare_single, topk=topk,
                         size=(sizes or {}).get(name), speed=(speeds or {}).get(name, (None, None)))
             for name, kind, run_seeds in entries]
     total = {key: _total([r[key] for r in rows]) for key in TOTALS}
@@ -233,14 +267,16 @@ def make_plan(*, models: Sequence[str], students: Sequence[dict], folds: Sequenc
         "data": None if data is None else {
             "source": data.source, "folds": data.fold_source, "classes": data.classes,
             "videos": data.videos, "train_frames": sum(data.train.values()),
-            "test_frames": sum(data.test.values()),
+            "test_frames": sum(data.test.values()), "oof_sample": data.oof_sample,
+            "oof_frames": sum(sum((data.folds if data.oof is None else data.oof)[k].values())
+                              for k in data.folds),
             "sizes": sorted({f"{h}x{w}" for h, w in [*data.train, *data.test]})},
         "per_frame": None if common is None else {
             "size": list(common), "tta_passes": forward_passes(common, tta=tta),
-            "map_bytes": _map_bytes(common, data, quant, stride) if data.classes else None},
+            "map_bytes": _map_bytes(common, data, quant, stride, topk) if data.classes else None},
         "infer": {"scales": list(tta.scales), "flip": tta.flip,
                   "crop_hw": list(tta.crop_hw) if tta.crop_hw else None, "overlap": tta.overlap,
-                  "quant": quant, "stride": stride, "splits": list(splits)},
+                  "quant": quant, "stride": stride, "topk": topk, "splits": list(splits)},
     }
 
 

@@ -50,6 +50,9 @@ def _head(plan: dict) -> list[str]:
                      f"{data['test_frames']:,} test frames ({', '.join(data['sizes'][:3])}"
                      f"{' ...' if len(data['sizes']) > 3 else ''}){videos}, {classes}")
         lines.append(f"folds     {data['folds']}")
+        if data.get("oof_sample"):
+            lines.append(f"OOF maps  {data['oof_frames']:,} of {data['train_frames']:,} train frames, "
+                         f"sampled by infer.oof_sample {data['oof_sample']}")
     folds = _plural(f["folds"], "fold")
     lines.append(f"runs      {runs['total']} = {_plural(f['models'], 'model')} x {folds} x "
                  f"{_plural(f['seeds'], 'seed')} + {_plural(f['students'], 'student')} x "
@@ -67,11 +70,15 @@ def _head(plan: dict) -> list[str]:
     if frame is not None and frame["map_bytes"] is not None:
         h, w = frame["size"]
         s, nbytes = inf["stride"], 1 if inf["quant"] == "uint8" else 2
-        lines.append(f"maps      {inf['quant']}, stride {s}: {data['classes']} x ceil({h}/{s}) x "
-                     f"ceil({w}/{s}) x {nbytes} B = {human_bytes(frame['map_bytes'])} per map, "
-                     f"upper bound before compression"
+        k = inf.get("topk") or 0   # top-k maps: k codes and k class ids per pixel
+        kind = f", top-{k} of {data['classes']} classes" if k else ""
+        unit = f"({nbytes} + {1 if data['classes'] <= 255 else 2}) B (code + class id)" if k else \
+            f"{nbytes} B"
+        lines.append(f"maps      {inf['quant']}, stride {s}{kind}: {k or data['classes']} x "
+                     f"ceil({h}/{s}) x ceil({w}/{s}) x {unit} = "
+                     f"{human_bytes(frame['map_bytes'])} per map, upper bound before compression"
                      + (" (uint8 maps are stored deflated to 0.24-0.40 of it on smooth maps)"
-                        if inf["quant"] == "uint8" else ""))
+                        if inf["quant"] == "uint8" and not k else ""))
     return lines
 
 

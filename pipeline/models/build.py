@@ -6,8 +6,9 @@ A model is described by a plain dict (:func:`model_config`), stored in checkpoin
 ``build_model(**config)`` rebuilds it anywhere.
 
 Weights: ``None`` builds a random init and downloads nothing; ``PATH`` loads a local file
-(whole model, one of our checkpoints, or an encoder-only state dict); ``"hub:<tag>"`` asks
-smp/timm to download the encoder weights, which needs a network.
+(whole model, one of our checkpoints, or an encoder-only state dict); ``"imagenet"`` or
+``"hub:<tag>"`` asks smp/timm to download the encoder weights, which needs a network, unless
+``weights_dir`` holds them (:mod:`pipeline.models.pretrained`).
 
 ``logit_adjust`` (a spec checked and normalized into the config) has the head of the built
 model replaced or wrapped as :mod:`pipeline.models.prior` describes.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,13 +31,14 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import PipelineError, unknown_name
+from pipeline.models.pretrained import hub_tag, local_hub_file
 from pipeline.models.prior import install_la_head, normalize_logit_adjust
 from pipeline.models.wrappers import unwrap_model
 
 log = logging.getLogger(__name__)
 
-HUB_PREFIX = "hub"
 _WEIGHT_PREFIXES = ("", "encoder.", "encoder.model.")  # whole model, encoder, raw timm model
+_CLASSIFIER = re.compile(r"^encoder\.(model\.)?(fc|classifier|head|last_linear)\.")
 _OWN_KEYS = {"encoder_name": "encoder", "encoder_weights": "weights", "classes": "num_classes"}
 
 
@@ -104,33 +107,34 @@ def model_config(*, arch: str, encoder: str, num_classes: int, weights: str | No
             "logit_adjust": normalize_logit_adjust(logit_adjust, num_classes), **arch_kwargs}
 
 
-def _hub_weights(weights: str, encoder: str) -> Any:
-    tag = weights.partition(":")[2] or "imagenet"
+def _hub_weights(tag: str, encoder: str) -> Any:
     if encoder.startswith("tu-"):
         return True  # timm picks the variant from the name's tag ("tu-model.tag")
     settings = smp.encoders.encoders[encoder]["pretrained_settings"]
     if tag not in settings:
-        raise PipelineError(f"encoder '{encoder}' has no hub weights '{weights}'; valid: "
+        raise PipelineError(f"encoder '{encoder}' has no hub weights 'hub:{tag}'; valid: "
                             f"{', '.join(f'hub:{t}' for t in sorted(settings))}")
     return tag
 
 
 def build_model(*, arch: str, encoder: str, num_classes: int, weights: str | None = None,
                 in_channels: int = 3, logit_adjust: Mapping[str, Any] | None = None,
-                **arch_kwargs) -> nn.Module:
+                weights_dir: str | Path | None = None, **arch_kwargs) -> nn.Module:
     """Build ``smp.create_model(arch, encoder)`` with ``num_classes`` output channels.
 
     The model maps ``[N, in_channels, H, W]`` (H, W divisible by the encoder's stride, 32 for
     most) to logits ``[N, num_classes, H, W]``. ``arch_kwargs`` go to smp unchanged
     (``decoder_channels``, ``encoder_depth`` ...). The validated spec is kept on the model as
-    ``model.model_config`` so checkpoints can describe it.
+    ``model.model_config`` so checkpoints can describe it. ``weights_dir``: a folder of hub
+    weights saved by ``pipeline/weights.py``, used instead of a download (not part of the spec).
     """
     cfg = model_config(arch=arch, encoder=encoder, num_classes=num_classes, weights=weights,
                        in_channels=in_channels, logit_adjust=logit_adjust, **arch_kwargs)
-    hub = cfg["weights"] is not None and (cfg["weights"] == HUB_PREFIX
-                                          or cfg["weights"].startswith(HUB_PREFIX + ":"))
-    encoder_weights = _hub_weights(cfg["weights"], encoder) if hub else None
-    if cfg["weights"] is not None and not hub and not Path(cfg["weights"]).is_file():
+    tag = hub_tag(cfg["weights"])
+    local = local_hub_file(encoder, tag, weights_dir) if tag else None
+    hub = tag is not None and local is None  # a download, asked for by the config
+    encoder_weights = _hub_weights(tag, encoder) if hub else None
+    if cfg["weights"] is not None and tag is None and not Path(cfg["weights"]).is_file():
         raise PipelineError(f"{cfg['weights']}: weights file not found (random init: "
                             f"weights: null; download: weights: hub:imagenet)")
     try:
@@ -149,8 +153,8 @@ def build_model(*, arch: str, encoder: str, num_classes: int, weights: str | Non
         raise
     if cfg["logit_adjust"]:
         install_la_head(model, num_classes, cfg["logit_adjust"])
-    if cfg["weights"] is not None and not hub:
-        load_weights(model, cfg["weights"])
+    if local is not None or (cfg["weights"] is not None and tag is None):
+        load_weights(model, local or cfg["weights"])
     model.model_config = cfg
     return model
 
@@ -187,8 +191,10 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
 
     The file may hold a whole-model state dict, one of our checkpoints (key ``model``) or an
     encoder-only state dict (keys with or without ``encoder.``, or a raw timm model for a
-    ``tu-`` encoder); the key prefix that matches most tensors wins. Tensors whose shape
-    differs are skipped with a warning; a file that matches nothing raises PipelineError.
+    ``tu-`` encoder); the key prefix that matches most tensors wins. A file that leaves any
+    encoder tensor unloaded (missing, or of another shape) raises a PipelineError naming the
+    missing and unexpected keys: its weights are not this encoder's. Decoder and head tensors
+    of another shape (another class count) are skipped with a warning.
     """
     obj = read_torch_file(path, what="weights file")
     if isinstance(obj, Mapping):
@@ -212,10 +218,20 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     if not fits:
         raise PipelineError(f"{path}: no tensor matches the model (first keys in file: "
                             f"{', '.join(list(tensors)[:3])})")
-    unwrap_model(model).load_state_dict(fits, strict=False)
     mismatched = sorted(k for k in mapped if k in target and k not in fits)
     unexpected = sorted(k for k in mapped if k not in target)
     missing = sorted(k for k in target if k not in fits and not k.endswith("num_batches_tracked"))
+    unfit = [k for k in target if k.startswith("encoder.") and k not in fits
+             and not k.endswith("num_batches_tracked")]
+    # encoder keys the model lacks mean another encoder (resnet34 into resnet18), except an
+    # ImageNet classifier a raw timm/torchvision file carries beside the features
+    alien = [k for k in unexpected if k.startswith("encoder.") and not _CLASSIFIER.match(k)]
+    if unfit or alien:
+        raise PipelineError(f"{path}: does not fit the model's encoder: {len(unfit)} encoder "
+                            f"tensors missing or of another shape (e.g. "
+                            f"{', '.join(unfit[:3]) or '-'}), {len(alien)} unexpected keys (e.g. "
+                            f"{', '.join(alien[:3]) or '-'})")
+    unwrap_model(model).load_state_dict(fits, strict=False)
     encoder_only = all(k.startswith("encoder.") for k in fits)
     report = {"loaded": len(fits), "model_tensors": len(target), "encoder_only": encoder_only,
               "mismatched": mismatched, "unexpected": unexpected, "missing": missing}

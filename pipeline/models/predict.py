@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.runs import amp_mode
 from pipeline.evaluation.metrics import ConfusionMatrix
 
 
@@ -32,15 +33,30 @@ def forward_padded(model: nn.Module, images: torch.Tensor, *, multiple: int = 32
     return model(padded)[..., :h, :w]
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context on the CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=enabled and device.type == "cuda")
+def resolve_amp(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting (:data:`pipeline.core.runs.AMP_MODES`, or a
+    boolean: true = auto, false = off) on ``device``; None: no autocast.
+
+    ``auto`` is bf16 on a CUDA device that supports it, else fp16 there, and None elsewhere;
+    ``bf16`` and ``fp16`` are those on any device; ``off`` is None."""
+    mode = amp_mode(amp)
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def autocast(device: torch.device, amp: bool | str):
+    """Autocast to :func:`resolve_amp`'s dtype; a no-op context where that is None."""
+    dtype = resolve_amp(amp, device)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16,
+                          enabled=dtype is not None)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, scale: float = 1.0,
-                   amp: bool = False) -> torch.Tensor:
+                   amp: bool | str = False) -> torch.Tensor:
     """Logits [N, C, H, W] of one plain view of ``images`` [N, 3, H, W]: resized by ``scale``
     (bilinear) when it is not 1, predicted, and the logits resized back to (H, W)."""
     size = images.shape[-2:]
@@ -54,7 +70,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, scale: float = 1.0
 
 
 def validate(model: nn.Module, batches: Iterable[dict], *, num_classes: int,
-             device: torch.device, amp: bool = False, ignore_index: int = 255,
+             device: torch.device, amp: bool | str = False, ignore_index: int = 255,
              scale: float = 1.0) -> np.ndarray:
     """Confusion matrix [C, C] of argmax predictions over ``batches`` (dicts with image, mask);
     ``scale`` != 1 predicts the images resized by it and resizes the logits back."""

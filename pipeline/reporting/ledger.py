@@ -7,6 +7,10 @@ frames, so its gain is a paired difference:
 
 * ``SWA vs last``: a member's ``swa.pt`` against its ``last.pt`` on its validation folds
   (confusion matrices pooled over folds), one view at the validation scale;
+* ``EMA vs last``: a member's EMA of the weights (``models.<name>.ema``) against its last
+  weights, both validated by training at its last validation on the same frames (the runs'
+  ``metrics.json``: ``ema_miou`` beside ``last_miou``, frame-weighted over the folds that hold
+  both; :func:`ema_scores`); validation folds only;
 * ``TTA vs one view``: the same SWA weights, TTA against one plain view, pooled OOF frames;
 * ``student vs teacher``: a distilled member against the member it learned from (same folds,
   same seed, both SWA + TTA);
@@ -37,7 +41,8 @@ NO_BAND = "no noise band (one seed per model)"
 @dataclass
 class MemberScores:
     """mIoU (fraction) of one member ``<model>_s<seed>`` per split and kind: ``last`` and
-    ``swa`` (validation scale, one view), ``single`` (SWA, one view) and ``tta`` (SWA + TTA)."""
+    ``swa`` (validation scale, one view), ``single`` (SWA, one view), ``tta`` (SWA + TTA), and
+    ``ema`` with its own baseline ``ema_last`` (:func:`ema_scores`: the same folds)."""
 
     model: str
     seed: int
@@ -71,6 +76,23 @@ def verdict(gain: float | None, band: float | None) -> str:
     if gain < -band:
         return "hurts"
     return "within noise"
+
+
+def ema_scores(metrics: Sequence[Mapping[str, Any] | None]) -> tuple[float | None, float | None]:
+    """(last, EMA) mIoU of a member from its folds' training ``metrics.json`` dicts: the means of
+    ``last_miou`` and ``ema_miou`` weighted by ``val_frames`` (equal weights when a count is
+    missing), over the folds that hold both, so the pair is scored on the same frames; (None,
+    None) when no fold does."""
+    both = [m for m in metrics if m and m.get("last_miou") is not None
+            and m.get("ema_miou") is not None]
+    if not both:
+        return None, None
+    weights = [m.get("val_frames") or 0 for m in both]
+    if not all(weights):
+        weights = [1] * len(both)
+    total = sum(weights)
+    return (sum(w * m["last_miou"] for w, m in zip(weights, both)) / total,
+            sum(w * m["ema_miou"] for w, m in zip(weights, both)) / total)
 
 
 def _row(technique: str, subject: str, split: str, base: float | None, new: float | None,
@@ -188,6 +210,9 @@ def build_ledger(*, members: Mapping[str, MemberScores],
         rows += _per_member("SWA vs last", members, split, "last", "swa", band,
                             "only swa.pt's maps are stored for this split" if split == "test"
                             else "no swa_metrics.json with both scores")
+        rows += _per_member("EMA vs last", members, split, "ema_last", "ema", band,
+                            "the EMA is scored on the validation folds only" if split == "test"
+                            else "no run metrics with ema_miou (models.<name>.ema.decay > 0)")
         rows += _per_member("TTA vs one view", members, split, "single", "tta", band,
                             "test maps are stored with TTA only" if split == "test"
                             else "no one-view score (set infer.compare_single: true)")

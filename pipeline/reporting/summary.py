@@ -35,7 +35,7 @@ from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.inference.members import list_members
 from pipeline.inference.runner import member_summary
 from pipeline.reporting.figures import compose_overlay, plot_class_iou, plot_confusion, plot_training_curves
-from pipeline.reporting.ledger import MemberScores, build_ledger, format_ledger
+from pipeline.reporting.ledger import MemberScores, build_ledger, ema_scores, format_ledger
 from pipeline.reporting.runs import Run, collect_runs, read_json
 from pipeline.submission.sidecar import read_sidecar
 
@@ -91,6 +91,9 @@ def member_rows(runs: list[Run], members: dict) -> list[dict]:
             row["swa_tta_mIoU"], row["tta_folds"] = fold_mean([((r.infer or {}).get("oof_miou_tta"), w)
                                                                for r, w in zip(folds, frames)])
             row["tta_source"] = "fold mean" if row["tta_folds"] else None
+        # infer.oof_sample: the 1-view and TTA columns are over sampled frames only
+        row["oof_sampled"] = (any(m.get("oof_sample") for m in members[name].meta.values())
+                              if name in members else any((r.infer or {}).get("oof_sampled") for r in folds))
         rows.append(row)
     return rows
 
@@ -205,10 +208,13 @@ def ledger_inputs(rows: list[dict], runs: list[Run], maps: dict, models: dict | 
     for row in rows:
         name = row["member"]
         model, seed = model_of[name]
+        ema_last, ema = ema_scores([r.metrics for r in runs if r.member == name
+                                    and r.fold != ALL_FOLDS])
         members[name] = MemberScores(
             model=model, seed=seed,
             oof={"last": row["last_mIoU"], "swa": row["swa_mIoU"],
-                 "single": row["swa_single_mIoU"], "tta": row["swa_tta_mIoU"]},
+                 "single": row["swa_single_mIoU"], "tta": row["swa_tta_mIoU"],
+                 "ema_last": ema_last, "ema": ema},
             test={k: v for k, v in (test_members.get(name) or {}).items() if v is not None})
     teachers = {}
     for name, m in members.items():
@@ -303,7 +309,8 @@ def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str
                 "rows": {r: {k: ens_metrics.get(f"{r}_{k}") for k in ("mIoU", "mVC8", "mVC16")}
                          for r in ENSEMBLE_ROWS if f"{r}_mIoU" in ens_metrics},
                 "alpha": ens_metrics.get("alpha"), "beta": ens_metrics.get("beta"),
-                "frames": ens_metrics.get("frames")}
+                "frames": ens_metrics.get("frames"), "oof_sampled": bool(ens_metrics.get("oof_sampled")),
+                "oof_sample": ens_metrics.get("oof_sample")}
         else:
             notes.append(f"ensemble table skipped: {ensemble_dir / METRICS_FILE} not found")
         zip_path = submissions_dir / (submission or {}).get("zip", f"{name}.zip")
@@ -341,18 +348,23 @@ def format_summary(summary: dict) -> str:
            "| member | family | group | folds | last | SWA | SWA 1 view | SWA + TTA |",
            "|---|---|---|---|---:|---:|---:|---:|"]
     for r in summary["members"]:
-        n = len(r["folds"])
+        n, star = len(r["folds"]), " *" if r.get("oof_sampled") else ""
         out.append(f"| {r['member']} | {r['family'] or '-'} | {r['group'] or '-'} | {n} | "
                    f"{_pct(r['last_mIoU'], r['last_folds'], n)} | {_pct(r['swa_mIoU'], r['swa_folds'], n)} | "
-                   f"{_pct(r['swa_single_mIoU'])} | {_pct(r['swa_tta_mIoU'], r['tta_folds'], n)} |")
+                   f"{_pct(r['swa_single_mIoU'])}{star} | {_pct(r['swa_tta_mIoU'], r['tta_folds'], n)}{star} |")
     out += ["", "last, SWA: the folds' validation mIoU averaged, weighted by their frames. "
-            "SWA 1 view, SWA + TTA: the folds' confusion matrices pooled (else a fold mean)."]
+            "SWA 1 view, SWA + TTA: the folds' confusion matrices pooled (else a fold mean)"
+            + ("; * on the infer.oof_sample frames only, not every validation frame."
+               if any(r.get("oof_sampled") for r in summary["members"]) else ".")]
     ens = summary["ensemble"]
     if ens:
         out += ["", f"## Ensemble (OOF, alpha={ens['alpha']}, beta={ens['beta']})", "",
                 "| row | mIoU % | mVC8 % | mVC16 % |", "|---|---:|---:|---:|"]
         out += [f"| {row} | {_pct(v['mIoU'])} | {_pct(v['mVC8'])} | {_pct(v['mVC16'])} |"
                 for row, v in ens["rows"].items()]
+        out += ["", f"Fitted on {ens['frames']} OOF frames" + (
+            f", sampled by infer.oof_sample {ens['oof_sample']} (not every train frame)."
+            if ens.get("oof_sampled") else " (not sampled).")]
     sub = summary["submission"]
     if sub:
         out += ["", f"## Submission `{sub['name']}`", "", f"- zip: {sub['zip'] or '-'}"

@@ -1,7 +1,7 @@
 """Submission formats: how each test prediction is named in a zip and how its values are encoded.
 
 A format is picked by name (``submit.format``; ``auto`` = the dataset's own) from :data:`FORMATS`.
-Every entry is one single-channel uint8 PNG the size of its source image:
+Every entry is one single-channel uint8 PNG the size of its source image, except in ``rle_csv``:
 
 ==========  ===============================  ===================================  =================
 format      entry name                       stored values                        fits datasets
@@ -10,6 +10,7 @@ folder      ``<frame id>.png``               train ids 0..C-1                   
 camvid      ``<frame id>.png`` (image stem)  train ids 0..10                      camvid
 cityscapes  ``<city>_<seq>_<frame>.png``     labelIds (trainId 0..18 -> 7..33)    cityscapes
 vspw        ``<video>/<frame>.png``          train ids + ``vspw_offset``          vspw, demo
+rle_csv     ``submission.csv`` (one entry)   ``id,class,rle`` rows of train ids   any
 ==========  ===============================  ===================================  =================
 
 * ``vspw``: ``<frame>`` is the original image stem, the name of its mask, as the official
@@ -20,6 +21,11 @@ vspw        ``<video>/<frame>.png``          train ids + ``vspw_offset``        
 * ``cityscapes``: the official ``evalPixelLevelSemanticLabeling.py`` walks the whole prediction
   folder for ``<city>_<seq>_<frame>*.png``, so flat files at the zip root are found; values are
   labelIds (the server does not read trainIds).
+* ``rle_csv``: the usual Kaggle table (:mod:`pipeline.submission.tables`): one row per frame and
+  class present in its prediction, ``rle`` the runs of that class (:mod:`pipeline.core.rle`),
+  pixels numbered column-major, or row-major with ``submit.rle.order: row``. It is the single
+  entry of the zip, so the zip, its JSON and evaluate.py work as for the other formats (Kaggle
+  takes a zipped CSV; unzip it for a site that wants the bare file).
 * No format wraps its entries in a top-level folder (a classic cause of rejected zips).
 
 Writing and checking the zip itself: :mod:`pipeline.submission.zips`; the ``<name>.json`` beside
@@ -37,12 +43,15 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.core.errors import PipelineError, unknown_name
+from pipeline.core.rle import RLE_ORDERS, check_order
 from pipeline.data.cityscapes import CITYSCAPES_TRAIN_TO_LABEL, cityscapes_label_lut
 from pipeline.data.manifest import IGNORE_INDEX, INVALID, Frame
 
 ANY_DATASET = "*"
 AUTO = "auto"
 VSPW_OFFSETS = (0, 1)
+RLE_CSV = "rle_csv"
+TABLE_ENTRY = "submission.csv"  # the one entry of an rle_csv zip
 
 
 @dataclass(frozen=True)
@@ -54,12 +63,20 @@ class SubmissionFormat:
     layout: str                 # entry names, for messages
     pattern: str                # regex every entry name must match
     offset: int = 0             # vspw only: added to train ids
+    rle_order: str = ""         # rle_csv only: pixel numbering, column | row; "" = PNG entries
+
+    @property
+    def table(self) -> bool:
+        """True for a format whose zip holds one CSV table (:data:`TABLE_ENTRY`), not PNGs."""
+        return bool(self.rle_order)
 
     def fits(self, dataset: str) -> bool:
         return ANY_DATASET in self.datasets or dataset in self.datasets
 
     def entry_name(self, frame: Frame) -> str:
         """The zip entry of ``frame``'s prediction; a frame the layout cannot name is an error."""
+        if self.table:
+            raise ValueError(f"format {self.name}: frames are rows of {TABLE_ENTRY}, not entries")
         if self.name == "vspw":
             name = f"{frame.video}/{Path(frame.image).stem}.png"
         else:
@@ -133,14 +150,19 @@ FORMATS: dict[str, SubmissionFormat] = {
     "cityscapes": SubmissionFormat("cityscapes", ("cityscapes",), "<city>_<seq>_<frame>.png",
                                    r"[^/_]+_\d+_\d+\.png"),
     "vspw": SubmissionFormat("vspw", ("vspw", "demo"), "<video>/<frame>.png", r"[^/]+/[^/]+\.png"),
+    RLE_CSV: SubmissionFormat(RLE_CSV, (ANY_DATASET,), f"{TABLE_ENTRY} of id,class,rle rows",
+                              re.escape(TABLE_ENTRY), rle_order=RLE_ORDERS[0]),
 }
-DATASET_FORMAT = {"camvid": "camvid", "cityscapes": "cityscapes", "vspw": "vspw"}  # for "auto"
+DATASET_FORMAT = {"camvid": "camvid", "cityscapes": "cityscapes", "vspw": "vspw",
+                  RLE_CSV: RLE_CSV}  # for "auto"; the rle_csv adapter names its dataset rle_csv
 
 
-def get_format(name: str, *, dataset: str, vspw_offset: int = 0) -> SubmissionFormat:
+def get_format(name: str, *, dataset: str, vspw_offset: int = 0,
+               rle_order: str = RLE_ORDERS[0]) -> SubmissionFormat:
     """The format called ``name`` (``auto``: the dataset's own, else ``folder``), checked to fit.
 
     ``dataset`` is classes.json's "dataset" field; a format made for another dataset is refused.
+    ``vspw_offset`` applies to ``vspw`` only, ``rle_order`` (column | row) to ``rle_csv`` only.
     """
     if name == AUTO:
         name = DATASET_FORMAT.get(dataset, "folder")
@@ -155,11 +177,14 @@ def get_format(name: str, *, dataset: str, vspw_offset: int = 0) -> SubmissionFo
         if vspw_offset not in VSPW_OFFSETS:
             raise PipelineError(f"vspw_offset must be 0 (train ids) or 1 (stored ids), got {vspw_offset!r}")
         fmt = dataclasses.replace(fmt, offset=int(vspw_offset))
+    if name == RLE_CSV:
+        fmt = dataclasses.replace(fmt, rle_order=check_order(rle_order, key="submit.rle.order"))
     return fmt
 
 
 def expected_entries(fmt: SubmissionFormat, frames: Sequence[Frame]) -> dict[str, Frame]:
-    """{entry name: frame} sorted by name; two frames with one entry name are an error."""
+    """{entry name: frame} sorted by name; two frames with one entry name are an error.
+    A table format has no entry per frame: see :mod:`pipeline.submission.tables`."""
     entries: dict[str, Frame] = {}
     for frame in frames:
         name = fmt.entry_name(frame)

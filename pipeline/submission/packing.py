@@ -6,11 +6,14 @@ every pixel). Writes, from the ``submit:`` section of params.yaml:
 
 * ``<out>/<name>.zip``   entries in the format's layout (:mod:`pipeline.submission.formats`), reopened and
   checked (one entry per test frame, nothing else, sizes, modes and values) before it replaces
-  any earlier zip; the same predictions give the same bytes, whatever the files' dates;
+  any earlier zip; the same predictions give the same bytes, whatever the files' dates. The
+  ``rle_csv`` format's zip holds the one table ``submission.csv`` instead, checked the same way
+  (rows of every test frame and no other, every pixel in one row of a class);
 * ``<out>/previews/<name>/<id>.png``  image | prediction overlay for a few frames spread over the
   test videos;
-* ``<out>/<name>.json``  format, frame count, the zip's sha256, and the ensemble members, weights
-  and OOF score copied from ``--weights`` when that file exists.
+* ``<out>/<name>.json``  format (with its ``vspw_offset`` or ``rle_order``), frame count, the zip's
+  sha256, and the ensemble members, weights and OOF score copied from ``--weights`` when that
+  file exists.
 
 All three are written to hidden temporaries first (the zip checked, its sha256 taken from the
 temporary); only then is the old JSON deleted and the zip, the previews and the JSON moved into
@@ -41,8 +44,9 @@ from pipeline.core.atomic import (atomic_dir, atomic_path, json_text, output_err
 from pipeline.core.errors import PipelineError
 from pipeline.data.manifest import (Frame, palette_table, read_classes, read_image, read_manifest,
                                     read_raw_mask)
-from pipeline.submission.formats import SubmissionFormat, expected_entries, get_format
+from pipeline.submission.formats import TABLE_ENTRY, SubmissionFormat, expected_entries, get_format
 from pipeline.submission.sidecar import sha256_of, sidecar_path
+from pipeline.submission.tables import table_text
 from pipeline.submission.zips import check_zip, frame_size, png_bytes, write_zip_entries
 
 PREVIEW_ALPHA = 0.5   # weight of the class colour over the image
@@ -114,6 +118,12 @@ def _read_prediction(path: Path, frame: Frame) -> np.ndarray:
 
 def _entries(fmt: SubmissionFormat, entries: dict[str, Frame], pred_dir: Path, num_classes: int,
              progress: bool) -> Iterator[tuple[str, bytes]]:
+    if fmt.table:
+        text = table_text(fmt, list(entries.values()),
+                          lambda f: _read_prediction(pred_dir / f"{f.id}.png", f), num_classes=num_classes,
+                          describe=lambda f: str(pred_dir / f"{f.id}.png"), progress=progress)
+        yield TABLE_ENTRY, text.encode()
+        return
     for name, frame in tqdm(entries.items(), desc="submit", unit="frame", disable=not progress):
         path = pred_dir / f"{frame.id}.png"
         stored = fmt.encode(_read_prediction(path, frame), num_classes=num_classes, name=str(path))
@@ -121,13 +131,15 @@ def _entries(fmt: SubmissionFormat, entries: dict[str, Frame], pred_dir: Path, n
 
 
 def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Path, name: str,
-                    fmt: str, vspw_offset: int = 0, weights: str | Path | None = None,
+                    fmt: str, vspw_offset: int = 0, rle_order: str = "column",
+                    weights: str | Path | None = None,
                     previews: int = 4, progress: bool = True,
                     params: str | Path | None = None) -> dict:
     """Write and check ``<out_dir>/<name>.zip``, its previews and ``<name>.json``; return the JSON.
 
     ``data`` holds manifest.csv and classes.json; every test frame needs ``<pred_dir>/<id>.png``
-    (HxW uint8 train ids, the size of its image). ``fmt`` is a format name or ``auto``.
+    (HxW uint8 train ids, the size of its image). ``fmt`` is a format name or ``auto``;
+    ``vspw_offset`` applies to ``vspw``, ``rle_order`` (column | row) to ``rle_csv``.
     ``params`` (the params file, if any) is only checked not to be overwritten. See the module
     docstring for the write order that keeps the zip and its JSON consistent after any kill.
     """
@@ -145,8 +157,9 @@ def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Pa
     frames = read_manifest(data / "manifest.csv", split="test")
     if not frames:
         raise PipelineError(f"{data / 'manifest.csv'}: no test frames to submit")
-    submission = get_format(fmt, dataset=classes.dataset, vspw_offset=vspw_offset)
-    entries = expected_entries(submission, frames)
+    submission = get_format(fmt, dataset=classes.dataset, vspw_offset=vspw_offset, rle_order=rle_order)
+    # a table has rows, not entries, of frames: keyed by id for the same one-pass writer
+    entries = {f.id: f for f in frames} if submission.table else expected_entries(submission, frames)
     if not pred_dir.is_dir():
         raise PipelineError(f"{pred_dir}: prediction folder not found "
                             "(run `python pipeline/ensemble.py --apply`)")
@@ -176,6 +189,8 @@ def make_submission(*, pred_dir: str | Path, data: str | Path, out_dir: str | Pa
                    "bytes": tmp_zip.stat().st_size, "format": submission.name}
         if submission.name == "vspw":
             summary["vspw_offset"] = submission.offset
+        if submission.table:
+            summary.update(rle_order=submission.rle_order, table=TABLE_ENTRY)
         summary.update(dataset=classes.dataset, num_classes=classes.num_classes, frames=len(entries),
                        predictions=str(pred_dir), previews=[f"previews/{name}/{f.id}.png" for f, _ in shown])
         summary.update(ensemble)

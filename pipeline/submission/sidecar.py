@@ -1,6 +1,6 @@
 """The ``<name>.json`` beside a submission zip: where it lives, and reading it only when it is that zip's.
 
-The JSON records the zip's format, vspw offset, size and sha256 (written by
+The JSON records the zip's format, vspw offset or rle order, size and sha256 (written by
 :mod:`pipeline.submission.packing`); :func:`read_sidecar` checks the last two against the zip
 before anything in it is believed.
 """
@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.submission.formats import FORMATS
+from pipeline.core.rle import RLE_ORDERS
+from pipeline.submission.formats import FORMATS, RLE_CSV
 
 
 def sha256_of(path: str | Path) -> str:
@@ -56,16 +57,19 @@ def read_sidecar(zip_path: str | Path) -> dict:
     return info
 
 
-def zip_format_name(zip_path: str | Path, *, fmt: str | None = None,
-                    vspw_offset: int | None = None) -> tuple[str, int]:
-    """(format name, vspw offset) of a zip: the explicit arguments win, then the sidecar JSON
-    (read, and checked against the zip by :func:`read_sidecar`, only when it is needed)."""
+def zip_format_name(zip_path: str | Path, *, fmt: str | None = None, vspw_offset: int | None = None,
+                    rle_order: str | None = None) -> tuple[str, int, str]:
+    """(format name, vspw offset, rle order) of a zip: the explicit arguments win, then the
+    sidecar JSON (read, and checked against the zip by :func:`read_sidecar`, only when it is
+    needed), then offset 0 and column order."""
     side = sidecar_path(zip_path)
-    need = fmt is None or (fmt == "vspw" and vspw_offset is None)
+    need = (fmt is None or (fmt == "vspw" and vspw_offset is None)
+            or (fmt == RLE_CSV and rle_order is None))
     info = read_sidecar(zip_path) if need else {}
     name = fmt or info.get("format")
     if not name:
         raise PipelineError(f"{zip_path}: no {side.name} beside it names its format; pass --format "
                             f"(one of {', '.join(sorted(FORMATS))})")
     offset = vspw_offset if vspw_offset is not None else info.get("vspw_offset", 0)
-    return str(name), int(offset)
+    order = rle_order if rle_order is not None else info.get("rle_order", RLE_ORDERS[0])
+    return str(name), int(offset), str(order)

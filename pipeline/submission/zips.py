@@ -10,7 +10,9 @@ byte is inflated, and a PNG's header size before its pixels are decoded, so a zi
 no memory; :class:`ZipPredictions` also names entries that match no frame
 (:meth:`ZipPredictions.unmatched`).
 
-Entry names and stored values come from the format (:mod:`pipeline.submission.formats`).
+Entry names and stored values come from the format (:mod:`pipeline.submission.formats`). An
+``rle_csv`` zip holds one CSV entry instead (:func:`read_table`, checked and decoded by
+:mod:`pipeline.submission.tables`); :func:`open_predictions` opens either kind for scoring.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from tqdm import tqdm
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import PipelineError
 from pipeline.data.manifest import ClassInfo, Frame
-from pipeline.submission.formats import SubmissionFormat, expected_entries, get_format
+from pipeline.submission.formats import TABLE_ENTRY, SubmissionFormat, expected_entries, get_format
+from pipeline.submission.tables import TablePredictions, check_table, table_size_limit
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 ZIP_LEVEL = 6
@@ -182,6 +185,9 @@ def check_zip(path: str | Path, *, fmt: SubmissionFormat | str, frames: Sequence
     shown = label or str(path)
     if isinstance(fmt, str):
         fmt = get_format(fmt, dataset=classes.dataset)
+    if fmt.table:
+        source = read_table(path, fmt=fmt, frames=frames, num_classes=classes.num_classes, label=shown)
+        return check_table(source, frames=frames, progress=progress)
     expected = expected_entries(fmt, frames)
     folders = {n.rsplit("/", 1)[0] + "/" for n in expected if "/" in n}
     with _open_zip(path, shown) as zf:
@@ -209,6 +215,46 @@ def check_zip(path: str | Path, *, fmt: SubmissionFormat | str, frames: Sequence
             values = read_png(data, name=where, size=size, size_of=f"the image of frame '{frame.id}'")
             fmt.decode(values, num_classes=classes.num_classes, name=where, strict=True)
     return {"entries": len(expected), "format": fmt.name}
+
+
+def read_table(path: str | Path, *, fmt: SubmissionFormat, frames: Sequence[Frame], num_classes: int,
+               label: str | None = None) -> TablePredictions:
+    """The table of an ``rle_csv`` zip: its only entry :data:`TABLE_ENTRY`, no larger than a table
+    of ``frames`` can be (:func:`table_size_limit`, from the header before it is inflated)."""
+    path = Path(path)
+    shown = label or str(path)
+    with _open_zip(path, shown) as zf:
+        _unique_names(zf, shown)
+        files = [i.filename for i in zf.infolist() if not i.is_dir()]
+        extra = [n for n in zf.namelist() if n != TABLE_ENTRY]
+        if extra:
+            wrap = _wrapper(files, {TABLE_ENTRY: None})
+            where = f"inside the folder '{wrap}'" if wrap else f"beside it ('{extra[0]}')"
+            raise PipelineError(f"{shown}: the {fmt.name} format expects the single entry "
+                                f"'{TABLE_ENTRY}' at the zip root; found entries {where}")
+        if TABLE_ENTRY not in files:
+            raise PipelineError(f"{shown}: no entry '{TABLE_ENTRY}' (the {fmt.name} format's table)")
+        where = f"{shown}:{TABLE_ENTRY}"
+        limit = table_size_limit(frames, size_of=frame_size, num_classes=num_classes)
+        inflated = zf.getinfo(TABLE_ENTRY).file_size
+        if inflated > limit:
+            raise PipelineError(f"{where}: inflates to {inflated} bytes, more than a table of "
+                                f"{len(frames)} frame(s) can take ({limit}); not read")
+        data = _read_entry(zf, TABLE_ENTRY, where=where)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return TablePredictions(text, fmt=fmt, num_classes=num_classes, name=where, size_of=frame_size)
+
+
+def open_predictions(path: str | Path, *, fmt: SubmissionFormat, num_classes: int,
+                     frames: Sequence[Frame]) -> "ZipPredictions | TablePredictions":
+    """A submission zip as a prediction source of either kind (``frames``: the split's, which
+    bound a table's size). Use as a context manager."""
+    if fmt.table:
+        return read_table(path, fmt=fmt, frames=frames, num_classes=num_classes)
+    return ZipPredictions(path, fmt=fmt, num_classes=num_classes)
 
 
 class ZipPredictions:

@@ -191,7 +191,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def update_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
-                     device: torch.device | None = None, amp: bool = False) -> bool:
+                     device: torch.device | None = None, amp: bool | str = False) -> bool:
     """Reset and re-estimate every BatchNorm's running mean/var over ``batches``.
 
     ``batches`` yields images ``[N, C, H, W]`` (tensors, as ``update_bn`` expects; not our
@@ -199,8 +199,8 @@ def update_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     ``momentum=None``, so each running statistic ends as the plain mean over batches of the
     batch statistic (every batch weighs the same; the variance is the unbiased batch variance)
     and ``num_batches_tracked`` counts the batches. The forward runs under the training's
-    autocast setting (``amp``, CUDA only). Returns False, touching nothing, when the model
-    has no BatchNorm; raises PipelineError when ``batches`` is empty.
+    autocast setting (``amp``: :func:`pipeline.models.predict.resolve_amp`). Returns False,
+    touching nothing, when the model has no BatchNorm; raises PipelineError when ``batches`` is empty.
     """
     if not has_batchnorm(model):
         return False
@@ -247,7 +247,7 @@ def train_image_batches(frames: Sequence[Frame], *, classes: ClassInfo, augment:
 
 # ----------------------------------------------------------------------------- the stage
 def _confusion(model: nn.Module, frames: Sequence[Frame], *, classes: ClassInfo, augment: Mapping,
-               device: torch.device, amp: bool, progress: bool, desc: str) -> np.ndarray:
+               device: torch.device, amp: bool | str, progress: bool, desc: str) -> np.ndarray:
     """int64 [C, C] confusion matrix of ``model`` on ``frames`` (one view, validation scale)."""
     dataset = SegmentationDataset(frames, classes=classes,
                                   transform=transform_from_params(augment, train=False))
@@ -295,7 +295,7 @@ def average_run(*, run_dir: str | Path, data_dir: str | Path, folds_path: str | 
     ref = info["reference"]
     run_cfg = (ref.get("config") or {}).get("run") or {}
     fold, seed = ref.get("fold"), int(ref.get("seed") or 0)
-    augment, amp = run_cfg.get("augment") or {}, bool(run_cfg.get("amp", False))
+    augment, amp = run_cfg.get("augment") or {}, run_cfg.get("amp", False)
     if fold != ALL_FOLDS and not paths.last.is_file():  # fail before the work, not after
         raise PipelineError(f"{paths.last}: checkpoint not found (needed to compare with SWA)")
     model, _ = model_from_checkpoint({**ref, "model": state})

@@ -10,12 +10,17 @@ weights as an uninterrupted run.
 A run resumes only what it began (:mod:`pipeline.training.resume`): its checkpoints record the
 config and the digests of the data it learns from (:mod:`pipeline.training.provenance`). When
 any differs, the run starts over and says why in one line. ``models.<name>.batch_size`` is the
-global batch of one optimizer step: with DDP each of the ``world_size`` ranks takes
-``batch_size / world_size`` images of it.
+global batch of one forward: with DDP each of the ``world_size`` ranks takes
+``batch_size / world_size`` images of it. An optimizer step accumulates the gradients of
+``accum_steps`` forwards (a step of ``batch_size * accum_steps`` images); iterations, the
+schedule, the intervals and the SWA phase count optimizer steps, and checkpoints fall between
+steps, so resuming stays exact. Mixed precision (:mod:`pipeline.training.precision`) and the
+EMA of the weights (:mod:`pipeline.training.ema`) keep their state in ``last.pt`` too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -37,9 +42,11 @@ from pipeline.evaluation.metrics import iou_per_class, mean_iou, pixel_accuracy
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.predict import autocast, validate
 from pipeline.training.distill import student_teacher_logits
+from pipeline.training.ema import ema_state
 from pipeline.training.logs import append_row
 from pipeline.training.memory import check_memory
 from pipeline.training.optim import swa_snapshot_iters
+from pipeline.training.precision import backward, optimizer_step
 from pipeline.training.resume import prepare_run_dir, resume
 from pipeline.training.run_data import RunData
 from pipeline.training.run_setup import Run, set_up
@@ -51,17 +58,19 @@ class NonFiniteLoss(PipelineError):
 
 def train_run(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data: RunData,
               device: torch.device, num_workers: int = 0, teacher: Path | None = None,
-              dist: Dist = Dist(), deterministic: bool = True, progress: bool = True) -> dict:
+              dist: Dist = Dist(), deterministic: bool = True, weights_dir: str | Path | None = None,
+              progress: bool = True) -> dict:
     """Train one run to completion (resuming from ``paths.last`` when its config and data
     digests are the same, else starting over).
 
     ``teacher``: a distillation teacher's checkpoint; one that has seen the student's
     validation frames is refused (:func:`pipeline.training.provenance.check_teacher`). Returns
     the run's metrics (also written to ``paths.metrics`` by rank 0): best and last validation
-    mIoU, per-class IoU of the last weights, iterations and images/s.
+    mIoU, per-class IoU of the last weights, iterations and images/s. ``weights_dir``: offline
+    hub weights for a config with ``weights: imagenet`` (:mod:`pipeline.models.pretrained`).
     """
     run = set_up(cfg=cfg, paths=paths, fold=fold, seed=seed, data=data, device=device,
-                 teacher=teacher, dist=dist, deterministic=deterministic)
+                 teacher=teacher, dist=dist, deterministic=deterministic, weights_dir=weights_dir)
     start, resumed = resume(run)
     if start < cfg.total_iters:  # before anything is written: a batch that cannot fit is refused
         check_memory(run.model, cfg=cfg, frames=data.train_frames, device=device,
@@ -111,8 +120,10 @@ def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
     ckpt_every = m.ckpt_interval or m.val_interval
     it = start
     saved_at = start if resumed else None
+    accum = m.accum_steps
+    # one loader batch per forward: step i takes the forwards [i * accum, (i + 1) * accum)
     loader = build_loader(train_ds, batch_size=run.batch, num_workers=num_workers, seed=run.seed,
-                          start_iter=start, rank=dist.rank, world_size=dist.world_size,
+                          start_iter=start * accum, rank=dist.rank, world_size=dist.world_size,
                           class_draw=_class_draw(cfg, run.data))
     batches = iter(loader)
     bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
@@ -120,14 +131,14 @@ def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
     net.train()
     t0, seen = time.perf_counter(), 0
     while it < total:
-        loss, parts, n_images = _forward(run, net, next(batches))
+        loss, parts, n_images = _accumulate(run, net, batches)
         if not _finite_on_every_rank(run, loss):
             bar.close()
             kept = f"{paths.last} (iteration {saved_at})" if saved_at is not None else "none yet"
             raise NonFiniteLoss(f"{paths.root.name}: loss is {loss.item()} at iteration {it}; "
                                 f"stopped. Last good checkpoint: {kept}. Lower the lr or set "
                                 f"grad_clip in models.{cfg.name}")
-        lr = _update(run, loss)
+        lr = _update(run)
         it += 1
         seen += n_images * dist.world_size
         bar.update(1)
@@ -145,6 +156,9 @@ def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
             run.state["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
             if dist.is_main:
                 _save(run, paths.last, iteration=it, full=True, metric=run.state["last"])
+                if run.ema is not None:
+                    _save(run, paths.ema, iteration=it, full=False, metric=run.state.get("ema"),
+                          model=run.ema.module)
             saved_at = it
             dist.barrier()
         elif validate_now:
@@ -167,6 +181,27 @@ def _forward(run: Run, net: nn.Module, batch: dict
     return loss, parts, images.shape[0]
 
 
+def _accumulate(run: Run, net: nn.Module, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Forward and backward ``accum_steps`` batches into fresh gradients: the mean of their
+    losses (each backward takes its loss / ``accum_steps``, so that N batches of B images step
+    as one batch of N * B for a loss that is a mean over images), its parts and the images."""
+    accum, dist = run.cfg.model.accum_steps, run.dist
+    run.optimizer.zero_grad(set_to_none=True)
+    total, total_parts, images = None, {}, 0
+    for i in range(accum):
+        # DDP averages the gradients across ranks once, at the step's last backward
+        with net.no_sync() if dist.enabled and i < accum - 1 else contextlib.nullcontext():
+            loss, parts, n = _forward(run, net, next(batches))
+            backward(loss / accum if accum > 1 else loss, run.scaler)
+        total = loss.detach() if total is None else total + loss.detach()
+        for k, v in parts.items():
+            total_parts[k] = v.detach() if k not in total_parts else total_parts[k] + v.detach()
+        images += n
+    if accum > 1:
+        total, total_parts = total / accum, {k: v / accum for k, v in total_parts.items()}
+    return total, total_parts, images
+
+
 def _finite_on_every_rank(run: Run, loss: torch.Tensor) -> bool:
     """Whether ``loss`` is finite on every rank: one rank's NaN stops them all together."""
     bad = torch.tensor(float(not torch.isfinite(loss)), device=run.device)
@@ -175,13 +210,16 @@ def _finite_on_every_rank(run: Run, loss: torch.Tensor) -> bool:
     return not bad.item()
 
 
-def _update(run: Run, loss: torch.Tensor) -> float:
-    """One optimizer and scheduler step on ``loss``; returns the lr the step used."""
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if run.cfg.model.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.model.grad_clip)
-    run.optimizer.step()
+def _update(run: Run) -> float:
+    """One optimizer and scheduler step on the accumulated gradients, then the EMA; returns the
+    lr the step used. A step fp16's scaler skips (inf/NaN gradients) is counted in the state
+    (``skipped_steps``); the schedule goes on, so that iterations stay optimizer steps."""
+    applied = optimizer_step(run.optimizer, model=run.model, scaler=run.scaler,
+                             grad_clip=run.cfg.model.grad_clip)
+    if not applied:
+        run.state["skipped_steps"] = run.state.get("skipped_steps", 0) + 1
+    elif run.ema is not None:
+        run.ema.update_parameters(run.model)
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     return lr
@@ -192,18 +230,25 @@ def _log_step(run: Run, bar: tqdm, *, it: int, lr: float, loss: torch.Tensor,
     row = {"iter": it, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
            **{k: f"{v.item():.5f}" for k, v in parts.items()},
            "images_per_s": f"{speed:.2f}"}
+    if run.scaler is not None:  # fp16: steps skipped so far for inf/NaN gradients
+        row["skipped_steps"] = run.state.get("skipped_steps", 0)
     append_row(run.paths.log, row)
     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
 
 
-def _save(run: Run, path: Path, *, iteration: int, full: bool, metric: dict | None) -> None:
-    """A checkpoint of the run at ``iteration``: weights only (best, SWA snapshots) or ``full``
-    with what resuming needs (optimizer, scheduler, RNG states, the validation state)."""
-    save_checkpoint(path, model=run.model, config=run.config, classes=run.data.classes.to_json(),
-                    fold=run.fold, seed=run.seed, iteration=iteration, metric=metric,
-                    optimizer=run.optimizer if full else None,
-                    scheduler=run.scheduler if full else None, rng_state=full,
-                    extra={"state": run.state} if full else None)
+def _save(run: Run, path: Path, *, iteration: int, full: bool, metric: dict | None,
+          model: nn.Module | None = None) -> None:
+    """A checkpoint of the run at ``iteration``: weights only (best, SWA snapshots, the EMA as
+    ``model``) or ``full`` with what resuming needs (optimizer, scheduler, fp16's scaler, RNG
+    states, the validation state, the EMA's state)."""
+    extra = None
+    if full:
+        extra = {"state": run.state, **({"ema": ema_state(run.ema)} if run.ema is not None else {})}
+    save_checkpoint(path, model=model or run.model, config=run.config,
+                    classes=run.data.classes.to_json(), fold=run.fold, seed=run.seed,
+                    iteration=iteration, metric=metric, optimizer=run.optimizer if full else None,
+                    scheduler=run.scheduler if full else None,
+                    scaler=run.scaler if full else None, rng_state=full, extra=extra)
 
 
 def _scores(cm: np.ndarray, classes: ClassInfo) -> dict:
@@ -227,8 +272,14 @@ def _validate(run: Run, val_ds: SegmentationDataset, bar: tqdm, *, it: int) -> N
         state["best_miou"], state["best_iter"] = scores["miou"], it
         _save(run, paths.best, iteration=it, full=False,
               metric={"miou": scores["miou"], "iter": it})
-    append_row(paths.val_log, {"iter": it, "miou": f"{scores['miou']:.5f}",
-                               "pixel_acc": f"{scores['pixel_acc']:.5f}"})
+    row = {"iter": it, "miou": f"{scores['miou']:.5f}", "pixel_acc": f"{scores['pixel_acc']:.5f}"}
+    if run.ema is not None:  # the average on the same frames, at the same iteration
+        cm = validate(run.ema.module, build_eval_loader(val_ds), num_classes=classes.num_classes,
+                      device=run.device, amp=m.amp, ignore_index=classes.ignore_index,
+                      scale=val_scale(m.augment))
+        state["ema"] = {"iter": it, **_scores(cm, classes)}
+        row["ema_miou"] = f"{state['ema']['miou']:.5f}"
+    append_row(paths.val_log, row)
     bar.write(f"{paths.root.name} iter {it}: val mIoU {100 * scores['miou']:.2f} "
               f"(best {100 * state['best_miou']:.2f} @ {state['best_iter']})")
 
@@ -245,8 +296,11 @@ def _finish(run: Run, *, validated: bool) -> dict:
                "best_miou": state["best_miou"], "best_iter": state["best_iter"],
                "last_miou": last.get("miou"), "last_pixel_acc": last.get("pixel_acc"),
                "images_per_s": state.get("images_per_s"),
+               "skipped_steps": state.get("skipped_steps", 0),
                "swa_snapshots": len(list(paths.snapshots.glob("swa_*.pt")))
                if paths.snapshots.is_dir() else 0}
+    if run.ema is not None:  # the EMA's score at the last validation, beside last_miou's
+        metrics["ema_miou"] = (state.get("ema") or {}).get("miou")
     if dist.is_main:
         atomic.write_json(paths.class_iou, {"iter": last.get("iter"),
                                             "per_class_iou": last.get("per_class_iou")})

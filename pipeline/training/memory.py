@@ -17,6 +17,7 @@ from torch import nn
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunConfig
 from pipeline.data.manifest import Frame
+from pipeline.models.predict import resolve_amp
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -84,8 +85,8 @@ def check_memory(model: nn.Module, *, cfg: RunConfig, frames: Sequence[Frame],
                  device: torch.device, world_size: int = 1) -> None:
     """Refuse, naming ``models.<name>.batch_size``, a run whose rough memory need exceeds what
     the device has free: weights, gradients and optimizer state plus, per image of the rank's
-    batch, the activations :func:`activation_bytes` measures (halved under bf16 autocast on
-    CUDA). It leaves out the allocator's temporaries, so it errs low: a run it lets through may
+    batch, the activations :func:`activation_bytes` measures (halved under bf16 or fp16
+    autocast). It leaves out the allocator's temporaries, so it errs low: a run it lets through may
     still run out, one it refuses cannot fit."""
     m = cfg.model
     hw = _train_hw(m.augment, frames)
@@ -97,7 +98,7 @@ def check_memory(model: nn.Module, *, cfg: RunConfig, frames: Sequence[Frame],
     per_image = activation_bytes(model, hw)
     if per_image is None:
         return
-    if device.type == "cuda" and m.amp:
+    if resolve_amp(m.amp, device) is not None:
         per_image /= 2
     per_image += 3 * hw[0] * hw[1] * 4 + hw[0] * hw[1] * 8  # the batch itself: image, mask
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

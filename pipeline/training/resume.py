@@ -3,7 +3,9 @@
 ``last.pt`` continues the run when it was saved with the same config (run, fold, seed, model
 spec; floats up to rounding; a run-config section newer than the checkpoint counts as its
 defaults, see ``ADDED_SECTIONS``) and the same data digests (:mod:`pipeline.training.provenance`);
-the run then restores model, optimizer, scheduler, RNG states and validation scores from it.
+the run then restores model, optimizer, scheduler, fp16's gradient scaler, the EMA of the
+weights, RNG states and validation scores from it (``amp: true`` and ``amp: auto`` are one
+setting).
 Otherwise the run starts over, says why in one line, and keeps nothing of the earlier run.
 """
 
@@ -15,8 +17,11 @@ import shutil
 from typing import Any
 
 from pipeline.core import atomic
-from pipeline.core.runs import ADDED_SECTIONS, SUBSECTIONS, RunPaths
+from pipeline.core.errors import PipelineError
+from pipeline.core.runs import (ADDED_KEYS, ADDED_SECTIONS, SUBSECTIONS, ModelParams, RunPaths,
+                                amp_mode)
 from pipeline.models.checkpoint import load_checkpoint, restore_training_state
+from pipeline.training.ema import load_ema_state
 from pipeline.training.logs import truncate_log
 from pipeline.training.provenance import data_change
 from pipeline.training.run_setup import Run
@@ -34,12 +39,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _amp_named(run: dict) -> dict:
+    """``run`` with its ``amp`` as an AMP_MODES name: ``true`` and ``auto`` are one setting."""
+    try:
+        return {**run, "amp": amp_mode(run["amp"])} if "amp" in run else run
+    except PipelineError:
+        return run
+
+
 def _compatible(ckpt: dict, config: dict) -> bool:
-    saved = dict(ckpt.get("config") or {})
+    saved, config = dict(ckpt.get("config") or {}), dict(config)
     run, now = saved.get("run"), config.get("run")
-    if isinstance(run, dict) and isinstance(now, dict):  # saved before a section existed:
-        saved["run"] = {**{k: dataclasses.asdict(SUBSECTIONS[k]()) for k in ADDED_SECTIONS
-                           if k in now and k not in run}, **run}  # it ran with the defaults
+    if isinstance(run, dict) and isinstance(now, dict):  # saved before a section or key existed:
+        added = {**{k: dataclasses.asdict(SUBSECTIONS[k]()) for k in ADDED_SECTIONS},
+                 **{k: getattr(ModelParams(), k) for k in ADDED_KEYS}}
+        saved["run"] = _amp_named({**{k: v for k, v in added.items() if k in now and k not in run},
+                                   **run})  # it ran with the defaults
+        config["run"] = _amp_named(now)
     return all(_same(saved.get(k), config[k]) for k in ("run", "fold", "seed", "model"))
 
 
@@ -56,8 +72,11 @@ def resume(run: Run) -> tuple[int, bool]:
                    if _compatible(ckpt, run.config) else "saved with another config")
         if changed is None:
             start = restore_training_state(ckpt, model=run.model, optimizer=run.optimizer,
-                                           scheduler=run.scheduler)
-            run.state.update((ckpt.get("extra") or {}).get("state", {}))
+                                           scheduler=run.scheduler, scaler=run.scaler)
+            extra = ckpt.get("extra") or {}
+            run.state.update(extra.get("state", {}))
+            if run.ema is not None:  # the config, which holds ema.decay, is the same
+                load_ema_state(run.ema, extra["ema"])
             resumed = True
             if dist.is_main:
                 print(f"resuming {paths.root.name} from iteration {start}/{run.cfg.total_iters}",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.core.device import Dist, seed_everything
 from pipeline.core.errors import PipelineError
@@ -23,8 +24,10 @@ from pipeline.models.build import build_model
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
 from pipeline.models.wrappers import to_channels_last
 from pipeline.training.distill import build_run_loss
+from pipeline.training.ema import build_ema
 from pipeline.training.memory import check_batch
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.precision import build_scaler
 from pipeline.training.provenance import check_teacher, data_digests
 from pipeline.training.run_data import RunData
 
@@ -40,7 +43,7 @@ class Run:
     data: RunData
     device: torch.device
     dist: Dist
-    batch: int                       # images one rank draws per step
+    batch: int                       # images one rank draws per forward (accum_steps per step)
     model: nn.Module                 # the bare model: what checkpoints and validation see
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -50,6 +53,8 @@ class Run:
     # best and last validation scores (+ images/s): saved in last.pt, restored on resume
     state: dict = field(default_factory=lambda: {"best_miou": None, "best_iter": None,
                                                  "last": None})
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (state in last.pt)
+    ema: AveragedModel | None = None   # the EMA of the weights (state in last.pt)
 
 
 def checkpoint_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict,
@@ -74,9 +79,11 @@ def _check_crop(model: nn.Module, crop, *, where: str) -> None:
 
 
 def set_up(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data: RunData,
-           device: torch.device, teacher: Path | None, dist: Dist, deterministic: bool) -> Run:
+           device: torch.device, teacher: Path | None, dist: Dist, deterministic: bool,
+           weights_dir: str | Path | None = None) -> Run:
     """Check the run's batch and teacher, seed, and build its model (on ``device``), optimizer,
-    scheduler, teacher model and loss; nothing is written."""
+    scheduler, teacher model and loss, fp16's gradient scaler and the EMA of the weights (when
+    the config asks for them); nothing is written."""
     m, classes = cfg.model, data.classes
     batch = check_batch(cfg, train_frames=len(data.train_frames), world_size=dist.world_size)
     digests, teacher_ckpt = data_digests(data), None
@@ -91,7 +98,8 @@ def set_up(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data:
                     if la.enabled else None)
     try:
         model = build_model(arch=m.arch, encoder=m.encoder, num_classes=classes.num_classes,
-                            weights=m.weights or None, logit_adjust=logit_adjust, **m.arch_kwargs)
+                            weights=m.weights or None, logit_adjust=logit_adjust,
+                            weights_dir=weights_dir, **m.arch_kwargs)
     except PipelineError as err:  # name the config: "unknown arch" alone does not say where
         raise PipelineError(f"models.{cfg.name}: {err}") from None
     config = checkpoint_config(cfg, fold, seed, dict(model.model_config), digests)
@@ -116,4 +124,5 @@ def set_up(*, cfg: RunConfig, paths: RunPaths, fold: int | str, seed: int, data:
     loss_fn = build_run_loss(cfg, classes=classes, distill=teacher_model is not None)
     return Run(cfg=cfg, paths=paths, fold=fold, seed=seed, data=data, device=device, dist=dist,
                batch=batch, model=model, optimizer=optimizer, scheduler=scheduler,
-               teacher=teacher_model, loss_fn=loss_fn, config=config)
+               teacher=teacher_model, loss_fn=loss_fn, config=config,
+               scaler=build_scaler(m.amp, device), ema=build_ema(model, cfg.ema.decay))

@@ -50,3 +50,25 @@ def test_students_need_at_least_one_seed(tmp_path):
     with pytest.raises(PipelineError, match="student_seeds is empty"):
         load_train_params(_write(tmp_path, student_seeds=[]))
     assert load_train_params(_write(tmp_path, students=[], student_seeds=[])).students == []
+
+
+def test_final_weights_take_swa_then_ema_then_best_then_last(tmp_path):
+    from pipeline.core.runs import RunPaths
+
+    paths = RunPaths(tmp_path / "unet_f0_s0")
+    with pytest.raises(PipelineError, match="no finished training run"):
+        paths.final_weights()
+    paths.train_dir.mkdir(parents=True)
+    order = [paths.last, paths.best, paths.ema, paths.swa]
+    for path in order:
+        path.write_bytes(b"weights")
+        assert paths.final_weights() == path == paths.final_weights("auto")
+    for choice, path in (("swa", paths.swa), ("ema", paths.ema), ("best", paths.best),
+                         ("last", paths.last)):
+        assert paths.final_weights(choice) == path
+    paths.ema.unlink()
+    with pytest.raises(PipelineError, match=r"ema\.pt: no ema weights for this run") as err:
+        paths.final_weights("ema")  # chosen explicitly: never another file instead
+    assert "\n" not in str(err.value)
+    with pytest.raises(PipelineError, match="valid: auto, best, ema, last, swa"):
+        paths.final_weights("average")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -342,3 +343,85 @@ def test_camvid_real_copy(camvid_root):
     assert (raw == 11).any() and (mapped[raw == 11] == IGNORE_INDEX).all()
     assert mapped[raw != 11].max() < 11
     assert all(Path(f.image).is_file() and Path(f.mask).is_file() for f in frames)
+
+
+# ----------------------------------------------------------------------------- rle_csv
+def rle_tree(root: Path, masks: dict, *, order: str = "column", skip=(IGNORE_INDEX,),
+             csv: str = "train.csv") -> None:
+    """``root/images/<id>.png`` and ``root/<csv>`` holding ``masks`` (id -> HxW labels) as RLE rows."""
+    from pipeline.core.rle import rle_rows, rle_table_text
+
+    rows = []
+    for fid, labels in masks.items():
+        png(root / "images" / f"{fid}.png", rgb(*labels.shape))
+        rows += [(fid, c, r) for c, r in rle_rows(labels, order=order, skip=skip)]
+    (root / csv).write_text(rle_table_text(rows))
+
+
+@pytest.mark.parametrize("order", ["column", "row"])
+def test_rle_csv_prepares_the_same_masks(tmp_path, order):
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.preparation import prepare_dataset
+
+    rng = np.random.default_rng(1)
+    masks = {f"vid{v}_{t:03d}": rng.integers(0, 3, (5, 7)).astype(np.uint8) for v in range(2) for t in range(3)}
+    masks["vid0_001"][0, :] = IGNORE_INDEX  # void: no row covers it
+    rle_tree(tmp_path / "ds", masks, order=order)
+    options = parse_options("rle_csv", {"order": order, "class_names": ["a", "b", "c"]})
+    result = prepare_dataset(dataset="rle_csv", root=tmp_path / "ds", out=tmp_path / "data", options=options)
+    frames = read_manifest(tmp_path / "data" / "manifest.csv")
+    assert [f.id for f in frames] == sorted(masks) and {f.video for f in frames} == {"vid0", "vid1"}
+    assert result.classes.dataset == "rle_csv" and result.classes.names == ["a", "b", "c"]
+    lut = result.classes.lut_array()
+    for frame in frames:
+        assert Path(frame.mask).is_relative_to(tmp_path / "data" / "rle_csv" / "train")
+        np.testing.assert_array_equal(read_mask(frame.mask, lut), masks[frame.id])
+
+
+def test_rle_csv_background_class_and_test_split(tmp_path):
+    root = tmp_path / "ds"
+    labels = np.array([[0, 1, 1], [0, 0, 2]], dtype=np.uint8)
+    rle_tree(root, {"a_000": labels, "b_000": np.zeros((2, 3), np.uint8)}, skip=(0,))  # no row = class 0
+    png(root / "test" / "t_000.png", rgb(2, 3))
+    png(root / "test" / "t_001.png", rgb(2, 3))
+    (root / "test.csv").write_text("id,class,rle\nt_000.png,2,1 2\n")  # a file name works as id too
+    frames, classes = build("rle_csv", root, tmp_path, num_classes=3, background=0, test_images="test",
+                            test_csv="test.csv")
+    by_id = {f.id: f for f in frames}
+    np.testing.assert_array_equal(read_mask(by_id["a_000"].mask, classes.lut_array()), labels)
+    assert not read_mask(by_id["b_000"].mask, classes.lut_array()).any()  # no row at all: background
+    np.testing.assert_array_equal(read_mask(by_id["t_000"].mask, classes.lut_array()), [[2, 0, 0], [2, 0, 0]])
+    assert by_id["t_001"].split == "test" and by_id["t_001"].mask is not None
+
+
+@pytest.mark.parametrize("csv,needle", [
+    ("id,class,rle\na_000,1,1 2\nzz_009,1,1 1\n", "train.csv line 3: image 'zz_009' not found in "),
+    ("id,class,rle\na_000,3,1 2\n", r"train.csv line 2: class 3 is not a class (0..2)"),
+    ("id,class,rle\na_000,1,5 3\n", "train.csv line 2: rle run '5 3' ends at pixel 7, outside the image's 6 pixels"),
+    ("id,class,rle\na_000,1,1 3\na_000,2,3 1\n", "train.csv line 3: class 2 and class 1 (line 2) both cover "
+                                                 "pixel 3 of image 'a_000'"),
+    ("id,class,rle\na_000,1,1 3 4\n", "train.csv line 2: malformed rle: 3 numbers"),
+    ("image,label\na_000,1\n", "train.csv: header is 'image,label', expected 'id,class,rle'"),
+])
+def test_rle_csv_bad_rows_are_one_line_errors(tmp_path, csv, needle):
+    root = tmp_path / "ds"
+    png(root / "images" / "a_000.png", rgb(2, 3))
+    (root / "train.csv").write_text(csv)
+    with pytest.raises(PipelineError) as err:
+        build("rle_csv", root, tmp_path, num_classes=3)
+    assert needle in str(err.value) and str(root / "train.csv") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_rle_csv_option_errors(tmp_path):
+    root = tmp_path / "ds"
+    rle_tree(root, {"a_000": np.zeros((2, 3), np.uint8)})
+    for options, needle in [({"num_classes": 3, "order": "col"}, "prepare.rle_csv.order: unknown rle order 'col'"),
+                            ({"num_classes": 3, "background": 3}, "prepare.rle_csv.background: 3 must be 255"),
+                            ({}, "prepare.rle_csv: set class_names"),
+                            ({"num_classes": 3, "csv": "nope.csv"}, "nope.csv: RLE CSV not found "
+                                                                    "(prepare.rle_csv.csv)")]:
+        with pytest.raises(PipelineError, match=re.escape(needle)):
+            build("rle_csv", root, tmp_path, **options)
+    with pytest.raises(PipelineError, match=r"prepare\.rle_csv\.ordr"):
+        parse_options("rle_csv", {"ordr": "row"})

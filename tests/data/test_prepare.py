@@ -148,7 +148,7 @@ BAD_CASES = {
                       "no frames found"),
     "no_train_frames": (lambda r, p: [f.unlink() for f in (r / "images").iterdir()], "no train frames"),
     "missing_root": (lambda r, p: shutil.rmtree(r), "dataset root not found"),
-    "unknown_dataset": (lambda r, p: _edit(p, dataset="kitti"), "valid: camvid, cityscapes, demo, folder, vspw"),
+    "unknown_dataset": (lambda r, p: _edit(p, dataset="kitti"), "valid: camvid, cityscapes, demo, folder, rle_csv, vspw"),
     "unknown_adapter_key": (lambda r, p: _edit(p, folder={"num_classes": 3, "imagez": "x"}), "prepare.folder.imagez"),
     "unused_section_typo": (lambda r, p: _edit(p, vspw={"train_split": ["a"]}), "prepare.vspw.train_split"),
     "unknown_top_key": (lambda r, p: _edit(p, datset="folder"), "prepare.datset"),

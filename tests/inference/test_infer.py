@@ -236,3 +236,28 @@ def test_single_view_is_the_runs_own_validation_view(two_folds):
         trained = json.loads(paths.metrics.read_text())
         assert m["weights"] == "best.pt"
         assert m["oof_miou_single"] == pytest.approx(trained["best_miou"], abs=1e-12)
+
+
+def test_infer_weights_choose_the_checkpoint_that_predicts(demo_workspace, tmp_path, capsys):
+    """infer.weights: last predicts with train/last.pt (the maps say so); an explicit choice
+    the run does not have (no EMA trained) is one line, nothing written."""
+    from pipeline.core.errors import run_cli
+
+    ws = demo_workspace
+    paths = ws.train(fold=0)
+    params = ws.write_params(tmp_path / "params.yaml", infer={
+        "tta": {"scales": [1.0], "flip": False}, "weights": "last", "device": "cpu",
+        "out": str(tmp_path / "maps")})
+    _infer(ws, paths.root, tmp_path / "maps")  # auto
+    auto_meta = read_meta(next((tmp_path / "maps").rglob("*.npz")))
+    infer_main([str(paths.root), "--params", str(params), "--data", str(ws.data), "--folds",
+                str(ws.folds), "--out", str(tmp_path / "last"), "--no-progress"])
+    last_meta = read_meta(next((tmp_path / "last").rglob("*.npz")))
+    assert last_meta["meta"]["weights"] == str(paths.last) != auto_meta["meta"]["weights"]
+    ema = ws.write_params(tmp_path / "ema.yaml", infer={"weights": "ema", "device": "cpu"})
+    with pytest.raises(SystemExit) as exc:
+        run_cli(infer_main, [str(paths.root), "--params", str(ema), "--data", str(ws.data),
+                             "--folds", str(ws.folds), "--out", str(tmp_path / "e"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no ema weights for this run" in err and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()

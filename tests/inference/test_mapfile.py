@@ -262,3 +262,248 @@ def test_float16_maps_are_checked_on_read(tmp_path, bad):
     codes[0, 0, 0] = 0.0
     _rewrite_probs(path, codes)
     assert read_probs(path)[1, 2, 3] == 1.0
+
+
+# ----------------------------------------------------------------------------- top-k maps
+def _arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def _rewrite_arrays(path, **changed) -> None:
+    """Replace some arrays of a map file, the others kept (a foreign or broken writer)."""
+    arrays = {**_arrays(path), **changed}
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def true_top_k(probs, k):
+    """Classes of the k largest values per pixel, larger first, ties by the lower class."""
+    return np.argsort(-probs, axis=0, kind="stable")[:k]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("quant", ["uint8", "float16"])
+def test_topk_round_trip(tmp_path, k, quant):
+    classes = 12
+    probs = softmax_map(np.random.default_rng(k), classes, 21, 26, scale=2.5)
+    path = tmp_path / "k.npz"
+    write_probs(path, probs, topk=k, quant=quant, meta={"frame": "f"})
+    stored = _arrays(path)
+    assert sorted(stored) == ["header", "probs", "top_class"]
+    assert stored["top_class"].dtype == np.uint8 and stored["probs"].dtype == np.dtype(quant)
+    top = true_top_k(probs, k)
+    assert np.array_equal(stored["top_class"], top)   # exactly the K most probable, in order
+    assert read_meta(path)["topk"] == k and read_meta(path)["meta"] == {"frame": "f"}
+    back = read_probs(path)
+    assert back.dtype == np.float32 and back.shape == probs.shape
+    bound = U8_BOUND if quant == "uint8" else 2 ** -12 + 1e-7
+    kept = np.take_along_axis(back, top.astype(np.intp), axis=0)
+    assert np.abs(kept - np.take_along_axis(probs, top.astype(np.intp), axis=0)).max() <= bound
+    # the other C-K classes share one value per pixel, never above the K-th stored value
+    rest = np.ones(probs.shape, bool)
+    np.put_along_axis(rest, top.astype(np.intp), False, axis=0)
+    others = back.transpose(1, 2, 0)[rest.transpose(1, 2, 0)].reshape(*probs.shape[1:], -1)
+    assert others.shape[-1] == classes - k and np.all(others == others[..., :1])
+    assert np.all(others[..., 0] <= kept[-1])
+    assert np.abs(back.sum(axis=0) - 1).max() <= (k + 1) * bound
+    assert np.array_equal(back.argmax(axis=0), probs.argmax(axis=0))
+    assert np.array_equal(read_labels(path), probs.argmax(axis=0))
+
+
+def test_topk_spread_is_the_missing_mass_unless_clipped(tmp_path):
+    probs = np.zeros((6, 1, 3), np.float32)
+    probs[:, 0, 0] = [0.5, 0.3, 0.05, 0.05, 0.05, 0.05]  # rest 0.2 over 4 classes: 0.05
+    probs[:, 0, 1] = [0.4, 0.2, 0.1, 0.1, 0.1, 0.1]
+    probs[:, 0, 2] = [0.0, 0.5, 0.0, 0.0, 0.5, 0.0]      # a tie at the top: class 1 wins
+    write_probs(tmp_path / "s.npz", probs, topk=2)
+    back = read_probs(tmp_path / "s.npz")
+    assert np.allclose(back[:, 0, 0], [128 / 255, 77 / 255] + [(1 - 205 / 255) / 4] * 4)
+    # rest 0.4 over 4 = 0.1 per class; the 2nd stored value is 0.2: no clipping
+    assert np.allclose(back[2:, 0, 1], (1 - (102 + 51) / 255) / 4)
+    assert back[:, 0, 2].argmax() == 1 and read_labels(tmp_path / "s.npz")[0, 2] == 1
+    assert np.allclose(back[[0, 2, 3, 5], 0, 2], 0)
+    # clipped: K=1 of a flat map, the spread may not pass the stored top value
+    flat = np.full((4, 2, 2), 0.25, np.float32)
+    write_probs(tmp_path / "f.npz", flat, topk=1)
+    back = read_probs(tmp_path / "f.npz")
+    assert np.all(back[1:] <= 64 / 255) and np.all(back[0] > back[1:])  # class 0, nudged
+    assert np.array_equal(read_labels(tmp_path / "f.npz"), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_topk_argmax_kept_with_planted_ties(tmp_path, k):
+    rng = np.random.default_rng(10 + k)
+    classes, h, w = 6, 20, 30
+    # as in the dense test: winner above a runner-up of a lower index in the same rounding bucket
+    probs = np.zeros((classes, h, w), np.float32)
+    code = rng.integers(60, 120, size=(h, w))
+    offset = rng.uniform(0.26, 0.49, size=(h, w))
+    low = rng.integers(0, classes - 1, size=(h, w))
+    high = low + 1 + rng.integers(0, classes - 1 - low)
+    rows, cols = np.indices((h, w))
+    probs[low, rows, cols] = (code - offset) / 255
+    probs[high, rows, cols] = (code + offset) / 255
+    rest = (1 - probs.sum(axis=0)) / (classes - 2)
+    probs += np.where(probs == 0, rest, 0).astype(np.float32)
+    probs[:, 0, 0] = 1 / classes                       # all tie: class 0
+    probs[:, 0, 1] = [0.1, 0.1, 0.1, 0.1, 0.3, 0.3]    # two tie at the top: class 4
+    probs[:, 0, 2] = [0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
+    probs[:, 0, 3] = [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]    # more ties than K at the top
+    assert plain_argmax_fails(probs).mean() > 0.9
+    for quant in ("uint8", "float16"):
+        path = tmp_path / f"{quant}.npz"
+        write_probs(path, probs, quant=quant, topk=k)
+        back = read_probs(path)
+        assert np.array_equal(back.argmax(axis=0), probs.argmax(axis=0)), quant
+        assert np.array_equal(read_labels(path), probs.argmax(axis=0)), quant
+        full = read_probs(path, full_size=True)
+        assert np.array_equal(full.argmax(axis=0), probs.argmax(axis=0)), quant
+
+
+def test_topk_above_255_classes_uses_uint16_ids(tmp_path):
+    probs = softmax_map(np.random.default_rng(11), 300, 9, 11, scale=3.0)
+    path = tmp_path / "big.npz"
+    write_probs(path, probs, topk=3)
+    stored = _arrays(path)
+    assert stored["top_class"].dtype == np.uint16
+    assert np.array_equal(stored["top_class"], true_top_k(probs, 3))
+    assert stored["top_class"].max() > 255
+    labels = read_labels(path)
+    assert labels.dtype == np.uint16 and np.array_equal(labels, probs.argmax(axis=0))
+    assert np.array_equal(read_probs(path).argmax(axis=0), probs.argmax(axis=0))
+
+
+def test_topk_strided_full_size_read(tmp_path):
+    probs = softmax_map(np.random.default_rng(12), 7, 25, 37)
+    path = tmp_path / "s.npz"
+    write_probs(path, probs, topk=2, stride=3)
+    small = read_probs(path)
+    assert small.shape == (7, 9, 13)
+    assert np.array_equal(small.argmax(axis=0), probs[:, ::3, ::3].argmax(axis=0))
+    full = read_probs(path, full_size=True)
+    assert full.shape == probs.shape
+    assert np.array_equal(full[:, ::3, ::3], small)
+    assert np.allclose(full.sum(axis=0), 1, atol=3 / 510)  # still probabilities
+
+
+def test_dense_maps_unchanged_and_old_files_read(tmp_path):
+    probs = softmax_map(np.random.default_rng(13), 5, 8, 9)
+    write_probs(tmp_path / "default.npz", probs)
+    write_probs(tmp_path / "zero.npz", probs, topk=0)
+    data = (tmp_path / "default.npz").read_bytes()
+    assert (tmp_path / "zero.npz").read_bytes() == data      # topk=0 is today's dense file
+    header = read_meta(tmp_path / "default.npz")
+    assert "topk" not in header and sorted(_arrays(tmp_path / "default.npz")) == [
+        "header", "probs", "tie_class", "tie_index"]
+    # an old dense map has no "topk": it counts as 0 for what its run's meta.json expects
+    expect = {"classes": 5, "quant": "uint8", "stride": 1, "topk": 0}
+    assert np.array_equal(read_probs(tmp_path / "default.npz", expect=expect),
+                          read_probs(tmp_path / "default.npz"))
+    with pytest.raises(PipelineError, match=r"default\.npz: stored with topk 0 \(its run's"):
+        read_probs(tmp_path / "default.npz", expect={**expect, "topk": 2})
+    write_probs(tmp_path / "k.npz", probs, topk=2)
+    with pytest.raises(PipelineError, match=r"k\.npz: stored with topk 2 \(its run's"):
+        read_probs(tmp_path / "k.npz", expect=expect)
+
+
+def test_topk_options_rejected(tmp_path):
+    probs = softmax_map(np.random.default_rng(14), 4, 5, 5)
+    for topk in (4, 5, -1, True, 1.5):
+        with pytest.raises(PipelineError, match="topk") as err:
+            write_probs(tmp_path / "x.npz", probs, topk=topk)
+        assert "x.npz" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PipelineError, match="topk"):
+        mapfile.stored_bytes(classes=4, height=5, width=5, topk=4)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda a: {"top_class": np.where(a["top_class"] == a["top_class"][0, 0, 0], 7,
+                                      a["top_class"]).astype(np.uint8)}, "class 7 >= classes"),
+    (lambda a: {"top_class": np.concatenate([a["top_class"][:1]] * 3)}, "twice"),
+    (lambda a: {"top_class": a["top_class"].astype(np.uint16)}, "top_class uint16"),
+    (lambda a: {"top_class": a["top_class"][:2]}, "disagrees with the header"),
+    (lambda a: {"probs": a["probs"][:2]}, "disagree with the header"),
+    (lambda a: {"probs": a["probs"][::-1].copy()}, "not sorted down"),
+    (lambda a: {"probs": np.full_like(a["probs"], 200)}, "sum above 1"),
+    (lambda a: {"top_class": None}, "corrupt"),
+])
+def test_corrupt_topk_arrays_rejected_naming_the_file(tmp_path, corrupt, match):
+    path = tmp_path / "bad.npz"
+    write_probs(path, softmax_map(np.random.default_rng(15), 6, 5, 7), topk=3)
+    changed = corrupt(_arrays(path))
+    if changed.get("top_class", 0) is None:  # a missing array
+        arrays = _arrays(path)
+        del arrays["top_class"]
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+    else:
+        _rewrite_arrays(path, **changed)
+    for read in (read_probs, read_labels):
+        with pytest.raises(PipelineError, match=match) as err:
+            read(path)
+        assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("topk", [6, -1, True, "2"])
+def test_corrupt_topk_header_rejected(tmp_path, topk):
+    path = tmp_path / "h.npz"
+    write_probs(path, softmax_map(np.random.default_rng(16), 6, 4, 4), topk=2)
+    header = {**read_meta(path), "topk": topk}
+    _rewrite_arrays(path, header=np.frombuffer(json.dumps(header).encode(), np.uint8))
+    for read in (read_probs, read_meta):
+        with pytest.raises(PipelineError, match="corrupt header") as err:
+            read(path)
+        assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("classes, quant, k", [(6, "uint8", 2), (6, "float16", 3),
+                                               (300, "uint8", 5), (300, "float16", 1)])
+def test_stored_bytes_are_the_arrays_of_a_topk_map(tmp_path, classes, quant, k):
+    probs = softmax_map(np.random.default_rng(17), classes, 11, 13)
+    write_probs(tmp_path / "m.npz", probs, quant=quant, topk=k, stride=2, compress=0)
+    stored = _arrays(tmp_path / "m.npz")
+    assert (stored["probs"].nbytes + stored["top_class"].nbytes
+            == mapfile.stored_bytes(classes=classes, height=11, width=13, stride=2, quant=quant,
+                                    topk=k))
+
+
+def test_member_with_topk_maps_fuses_like_their_dense_decode(tmp_path):
+    """A Member of top-k maps returns the decoded maps, and over 3 classes at K=2 (the third
+    class gets the rest, as a dense map) the fused labels match a member of dense maps."""
+    from pipeline.ensembling.fusion import fuse_labels, group_mean
+    from pipeline.inference.members import Member, map_path, run_map_dir, write_run_meta
+
+    rng = np.random.default_rng(18)
+    root, classes = tmp_path / "oof_preds", 3
+    truth = {(m, f, i): softmax_map(rng, classes, 6, 8, scale=2.0)
+             for m in ("a", "b") for f in (0, 1) for i in ("t1", "t2")}
+    for stored, topk in (("dense", 0), ("sparse", 2)):
+        for m in ("a", "b"):
+            for fold in (0, 1):
+                run = run_map_dir(root / stored, f"{m}_s0", fold)
+                for frame in ("t1", "t2"):
+                    write_probs(map_path(run / "test", frame), truth[m, fold, frame], topk=topk)
+                write_run_meta(run, {"member": f"{m}_s0", "fold": fold, "classes": classes,
+                                     "quant": "uint8", "stride": 1,
+                                     **({"topk": topk} if topk else {})})  # old meta: no topk
+    dense = [Member(root / "dense" / f"{m}_s0") for m in ("a", "b")]
+    sparse = [Member(root / "sparse" / f"{m}_s0") for m in ("a", "b")]
+    assert [m.topk for m in dense + sparse] == [0, 0, 2, 2]
+    for frame in ("t1", "t2"):
+        for member in sparse:
+            decoded = [read_probs(map_path(member.run_dir(f) / "test", frame)) for f in (0, 1)]
+            assert np.array_equal(member.read_test(frame), (decoded[0] + decoded[1]) / 2)
+        fused_dense = group_mean([m.read_test(frame) for m in dense])
+        fused_sparse = group_mean([m.read_test(frame) for m in sparse])
+        assert np.abs(fused_sparse - fused_dense).max() <= 3 / 510 + 1e-6
+        labels_dense = fuse_labels(fused_dense, None, None, alpha=0.0, beta=0.0)
+        labels_sparse = fuse_labels(fused_sparse, None, None, alpha=0.0, beta=0.0)
+        top2 = np.sort(fused_dense, axis=0)[-2:]
+        clear = top2[1] - top2[0] > 6 / 510
+        assert clear.mean() > 0.8 and np.array_equal(labels_dense[clear], labels_sparse[clear])
+    # a top-k map among a dense member's maps is foreign
+    write_probs(map_path(dense[0].run_dir(0) / "test", "t1"), truth["a", 0, "t1"], topk=2)
+    with pytest.raises(PipelineError, match=r"t1\.npz: stored with topk 2"):
+        dense[0].read_test("t1")

@@ -159,7 +159,7 @@ def test_member_maps_must_be_stored_as_their_run_says(tmp_path):
     root = tmp_path / "oof_preds"
     run = make_run(root, "m_s0", 0, oof=["a"], test=["t"])
     member = Member(root / "m_s0")
-    assert member.expect == {"classes": 3, "quant": "uint8", "stride": 1}
+    assert member.expect == {"classes": 3, "quant": "uint8", "stride": 1, "topk": 0}
     write_probs(map_path(run / "test", "t"), softmax_map(np.random.default_rng(3), 3, 4, 5),
                 quant="float16")  # another dtype than meta.json's uint8
     with pytest.raises(PipelineError, match=r"t\.npz: stored with quant float16 \(its run's "

@@ -150,6 +150,31 @@ def test_map_bytes_are_the_stored_codes_of_a_map(tmp_path):
                             quant="float16") == 2 * expected
 
 
+def test_topk_maps_shrink_the_planned_bytes(ws, tmp_path, capsys):
+    """infer.topk 2 of 5 classes: 2 uint8 codes + 2 uint8 class ids per pixel, 4/5 of dense."""
+    params = yaml.safe_load(ws.params.read_text())
+    params["infer"]["topk"] = 2
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    plan = plan_of(ws, with_models=False)
+    assert plan["infer"]["topk"] == 2
+    assert plan["total"]["map_bytes"] == MAPS_TOTAL * 4 // 5 == 192_960
+    assert plan["per_frame"]["map_bytes"] == MAP_BYTES[(48, 64)] * 4 // 5
+    text = format_plan(plan)
+    assert "uint8, stride 2, top-2 of 5 classes: 2 x ceil(48/2) x ceil(64/2) x (1 + 1) B" in text
+    for (h, w), dense in MAP_BYTES.items():   # what a written top-k map holds, uncompressed
+        probs = np.random.default_rng(h).dirichlet(np.ones(CLASSES), size=(h, w))
+        write_probs(tmp_path / "m.npz", probs.transpose(2, 0, 1).astype(np.float32),
+                    quant="uint8", stride=2, compress=0, topk=2)
+        with np.load(tmp_path / "m.npz") as npz:
+            stored = npz["probs"].nbytes + npz["top_class"].nbytes
+        assert stored == stored_bytes(classes=CLASSES, height=h, width=w, stride=2,
+                                      topk=2) == dense * 4 // 5
+    params["infer"]["topk"] = CLASSES
+    ws.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(PipelineError, match="infer.topk must be below the 5 classes"):
+        plan_of(ws, with_models=False)
+
+
 def test_checkpoint_bytes_follow_the_state_dict(ws):
     plan = plan_of(ws)
     cfg = load_model_params("a", ws.params)
@@ -250,19 +275,83 @@ def test_plan_cli_prints_the_table_and_writes_json(ws, capsys):
         main(["--dry-run", "--params", str(ws.params), "--frames", "10"])
 
 
-def test_vspw_config_at_full_size_does_not_fit_a_terabyte(monkeypatch, tmp_path):
-    """The issue's case: configs/vspw.yaml over VSPW's 251,633 frames (480x853, 124 classes)."""
-    plan = plan_from_params(params_path=REPO / "configs" / "vspw.yaml", data_dir=tmp_path,
-                            folds_path=tmp_path / "folds.csv", frames=251_633, height=480,
-                            width=853, classes=124, with_models=False)
-    stride, quant = plan["infer"]["stride"], plan["infer"]["quant"]
-    per_map = 124 * math.ceil(480 / stride) * math.ceil(853 / stride) * (1 + (quant == "float16"))
-    assert plan["per_frame"]["map_bytes"] == per_map    # 12.7 MB at stride 2, uint8
-    # every fold runs, so each member predicts each frame once; no test frames given
-    assert plan["total"]["map_bytes"] == plan["runs"]["members"] * 251_633 * per_map > 10**12
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=10**12))
-    with pytest.raises(PipelineError, match="TB"):
+# The flagship configs at their dataset's full size (--plan's numbers). VSPW: train+val 3,149
+# videos of about 222,000 frames, test 387 videos of about 29,600 (frame counts approximate);
+# --videos counts the train videos the OOF sample is drawn from. Cityscapes: 2,975 train + 500
+# val frames in the folds, 1,525 test frames.
+FULL_SIZE = {
+    "vspw": {"frames": 222_000, "test_frames": 29_600, "videos": 3_149, "height": 480,
+             "width": 853, "classes": 124},
+    "cityscapes": {"frames": 2_975 + 500, "test_frames": 1_525, "height": 1024, "width": 2048,
+                   "classes": 19},
+}
+MEMBER_BUDGET = 100 * 10**9   # one member's maps (OOF + test over its fold runs), bytes
+
+
+def _hand_map_bytes(*, classes: int, height: int, width: int, stride: int, quant: str,
+                    topk: int) -> int:
+    """One map's arrays by hand: dense, C codes per pixel; top-k, K codes + K class ids."""
+    code = 1 if quant == "uint8" else 2
+    per_pixel = classes * code if not topk else topk * (code + (1 if classes <= 255 else 2))
+    return per_pixel * math.ceil(height / stride) * math.ceil(width / stride)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_flagship_config_at_full_size_keeps_a_member_under_100_gb(name, monkeypatch, tmp_path):
+    """configs/<name>.yaml at the dataset's full size: every fold runs, so a member predicts
+    each sampled OOF frame once and every test frame once per fold run."""
+    shape = FULL_SIZE[name]
+    plan = plan_from_params(params_path=REPO / "configs" / f"{name}.yaml", data_dir=tmp_path,
+                            folds_path=tmp_path / "folds.csv", with_models=False, **shape)
+    infer, params = plan["infer"], yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    per_map = _hand_map_bytes(classes=shape["classes"], height=shape["height"],
+                              width=shape["width"], stride=infer["stride"], quant=infer["quant"],
+                              topk=infer["topk"])
+    assert plan["per_frame"]["map_bytes"] == per_map
+    sample = params["infer"].get("oof_sample") or {}
+    cap = sample.get("windows", 0) * sample.get("length", 16)
+    if cap and sample.get("every_nth_video", 1) == 1:   # every video, each longer than the cap
+        assert shape["frames"] // shape["videos"] > cap
+        oof_frames = shape["videos"] * cap
+    else:
+        assert not cap and sample.get("every_nth_video", 1) == 1
+        oof_frames = shape["frames"]
+    assert plan["data"]["oof_frames"] == oof_frames
+    n_folds = len(params["train"]["folds"])
+    assert n_folds == params["folds"]["n_folds"]   # every fold runs: each OOF frame once
+    member = (oof_frames + n_folds * shape["test_frames"]) * per_map
+    assert member < MEMBER_BUDGET
+    for row in plan["rows"]:
+        seeds = len(row["seeds"])
+        assert row["oof_map_bytes"] == seeds * oof_frames * per_map
+        assert row["test_map_bytes"] == seeds * n_folds * shape["test_frames"] * per_map
+        assert (row["oof_map_bytes"] + row["test_map_bytes"]) // seeds == member
+    assert plan["total"]["map_bytes"] == plan["runs"]["members"] * member
+    # what the settings bought: dense uint8 maps at stride 2 put one member over the budget
+    dense = _hand_map_bytes(classes=shape["classes"], height=shape["height"],
+                            width=shape["width"], stride=2, quant="uint8", topk=0)
+    assert (shape["frames"] + n_folds * shape["test_frames"]) * dense > MEMBER_BUDGET
+    # the disk check still refuses a disk one byte short of all members' maps
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: SimpleNamespace(free=plan["total"]["map_bytes"] - 1))
+    with pytest.raises(PipelineError, match="GB"):
         check_map_disk(map_bytes=plan["total"]["map_bytes"], folder=tmp_path)
+
+
+def test_vspw_config_at_full_size_plans_64_gb_per_member(tmp_path):
+    """The issue's case: configs/vspw.yaml over VSPW (480x853, 124 classes) at stride 4, top-5
+    and 2 windows of 16 frames per train video: 256,800 B per map, 63.9 GB per member."""
+    plan = plan_from_params(params_path=REPO / "configs" / "vspw.yaml", data_dir=tmp_path,
+                            folds_path=tmp_path / "folds.csv", with_models=False,
+                            **FULL_SIZE["vspw"])
+    assert plan["infer"]["topk"] == 5 and plan["infer"]["stride"] == 4
+    per_map = 5 * (1 + 1) * math.ceil(480 / 4) * math.ceil(853 / 4)
+    assert plan["per_frame"]["map_bytes"] == per_map == 256_800
+    assert plan["data"]["oof_frames"] == 3_149 * 2 * 16 == 100_768
+    member = (100_768 + 5 * 29_600) * per_map
+    assert member == 63_883_622_400 < MEMBER_BUDGET
+    assert plan["runs"]["members"] == 9 and plan["runs"]["total"] == 45
+    assert plan["total"]["map_bytes"] == 9 * member   # 575.0 GB
 
 
 def test_costs_helpers():

@@ -131,3 +131,30 @@ def test_rare_sampling_pairs_configs_that_differ_only_in_sampling():
                      ("unet_rare", "unet"), ("unet_rare", "unet_uniform")]
     other = {**rare, "iters": 999}  # differs in more than sampling: no pair
     assert switch_pairs({"a": other, "unet": MODELS["unet"]}, "rare-class sampling") == []
+
+
+def test_ema_against_last_on_the_same_folds():
+    from pipeline.reporting.ledger import ema_scores
+
+    # a fold without an EMA score is left out of both means: the pair stays on the same frames
+    folds = [{"last_miou": 0.40, "ema_miou": 0.43, "val_frames": 30},
+             {"last_miou": 0.50, "ema_miou": 0.49, "val_frames": 10},
+             {"last_miou": 0.90, "val_frames": 10}, None]
+    last, ema = ema_scores(folds)
+    assert last == pytest.approx((0.40 * 30 + 0.50 * 10) / 40)
+    assert ema == pytest.approx((0.43 * 30 + 0.49 * 10) / 40)
+    assert ema_scores([{"last_miou": 0.4, "ema_miou": 0.5}, {"last_miou": 0.6, "ema_miou": 0.6}]) \
+        == pytest.approx((0.5, 0.55))  # no frame counts: equal weights
+    assert ema_scores([{"last_miou": 0.4, "ema_miou": None}]) == (None, None)
+
+    ms = members()
+    ms["unet_s0"].oof.update(ema_last=last, ema=ema)
+    ledger = build_ledger(members=ms, models=MODELS)
+    (row,) = rows_of(ledger, "EMA vs last")  # one member: no mean row
+    assert row["subject"] == "unet_s0" and row["gain"] == pytest.approx(ema - last)
+    assert row["baseline"] == pytest.approx(last)  # gain 0.02 = the band: within noise
+    assert row["verdict"] == "within noise"
+    (test,) = rows_of(ledger, "EMA vs last", "test")
+    assert test["verdict"] == "not measured" and "validation folds only" in test["note"]
+    (absent,) = rows_of(build_ledger(members=members(), models=MODELS), "EMA vs last")
+    assert absent["verdict"] == "not measured" and "ema_miou" in absent["note"]

@@ -282,13 +282,17 @@ def test_cli_prints_the_summary(chain, capsys):
     root = chain["root"]
     args = ["--runs", str(root / "runs"), "--oof", str(root / "oof_preds"), "--ensemble",
             str(root / "ensemble"), "--submissions", str(root / "submissions"), "--data",
-            str(root / "data"), "--out", str(root / "reports"), "--name", "sub", "--no-progress"]
+            str(root / "data"), "--out", str(root / "reports"), "--name", "sub", "--no-progress",
+            "--headline", str(root / "metrics.json")]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, args)
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out == (root / "reports" / "summary.md").read_text()
     assert out.startswith("# Run summary")
+    head = json.loads((root / "metrics.json").read_text())  # the headline beside the report
+    ensemble = json.loads((root / "ensemble" / "metrics.json").read_text())
+    assert head["cv_miou"] == ensemble.get("submitted_mIoU", ensemble["S_W_A_mIoU"]) is not None
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "unrelated"])
@@ -300,7 +304,8 @@ def test_no_runs_is_a_one_line_cli_error(tmp_path, capsys, layout):
         (runs / "notes").mkdir()
         (runs / "unet_f0_s0").mkdir()  # a run folder without metrics.json or log.csv
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, ["--runs", str(runs), "--out", str(tmp_path / "reports"), "--no-progress"])
+        run_cli(main, ["--runs", str(runs), "--out", str(tmp_path / "reports"), "--no-progress",
+                       "--headline", str(tmp_path / "metrics.json")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(runs) in err and err.count("\n") == 1

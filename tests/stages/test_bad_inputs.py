@@ -148,6 +148,22 @@ def _vspw_without_val_list(ctx: Ctx) -> list:
     return ["--params", params]
 
 
+def _prepare_rle(csv_text: str) -> Callable[[Ctx], list]:
+    """An rle_csv dataset (one HxW image, 3 classes) whose train.csv is ``csv_text``, and an
+    earlier output in ``prepared/`` that must survive."""
+    def setup(ctx: Ctx) -> list:
+        root, out = ctx.root / "ds", ctx.root / "prepared"
+        save_image(root / "images" / "vid0_000.png", np.zeros((H, W, 3)))
+        (root / "train.csv").write_text(csv_text)
+        out.mkdir()
+        (out / "manifest.csv").write_text("earlier output\n")
+        params = ctx.root / "params.yaml"
+        params.write_text(yaml.safe_dump({"prepare": {"dataset": "rle_csv", "root": str(root), "out": str(out),
+                                                      "workers": 1, "rle_csv": {"num_classes": 3}}}))
+        return ["--params", params]
+    return setup
+
+
 PREPARE = {
     "prepare-missing-mask": Case("prepare", _prepare(
         lambda r, p: (r / "masks" / "vid0_001.png").unlink()),
@@ -194,6 +210,13 @@ PREPARE = {
         subprocess=True),
     "prepare-vspw-list-file-missing": Case("prepare", _vspw_without_val_list, ("vspw/val.txt",),
                                            subprocess=True),
+    "prepare-rle-csv-image-missing": Case("prepare", _prepare_rle(
+        "id,class,rle\nvid0_000,1,1 4\nvid0_009,2,1 1\n"), ("ds/train.csv line 3", "'vid0_009'"),
+        subprocess=True),
+    "prepare-rle-csv-two-classes-on-a-pixel": Case("prepare", _prepare_rle(
+        "id,class,rle\nvid0_000,1,1 4\nvid0_000,2,4 2\n"), ("ds/train.csv line 3", "pixel 4")),
+    "prepare-rle-csv-run-outside-the-image": Case("prepare", _prepare_rle(
+        "id,class,rle\nvid0_000,1,40 10\n"), ("ds/train.csv line 2", "'40 10'")),
 }
 
 # ----------------------------------------------------------------------------- folds
@@ -600,6 +623,16 @@ def _eval_read_only(ctx: Ctx) -> list:
     return _eval_args(ctx, zip_path, "--out", ctx.root / "ro" / "score.json")
 
 
+def _eval_table(ctx: Ctx) -> list:
+    """test_submit's project and an id,class,rle CSV of every test frame whose first run passes
+    the end of its frame."""
+    preds = make_project(ctx.root)
+    (ctx.root / "params.yaml").write_text("{}\n")
+    rows = [f"{fid},1,{'90 10' if fid == 'vid000_0000' else '1 1'}" for fid in sorted(preds)]
+    (ctx.root / "sub.csv").write_text("\n".join(["id,class,rle", *rows]) + "\n")
+    return _eval_args(ctx, ctx.root / "sub.csv", "--rle-order", "row")
+
+
 EVALUATE = {
     "evaluate-out-overwrites-zip": Case("evaluate", _eval_out_is_zip,
                                         ("--out", "submissions/submission.zip"), subprocess=True),
@@ -612,6 +645,7 @@ EVALUATE = {
         ("sub.zip:vid000_0001.png",)),
     "evaluate-read-only-out": Case("evaluate", _eval_read_only, ("ro/score.json",),
                                    unprivileged=True),
+    "evaluate-rle-csv-run-outside-the-frame": Case("evaluate", _eval_table, ("sub.csv line 2",)),
 }
 
 CASES: dict[str, Case] = {**PREPARE, **FOLDS, **TRAIN, **SWA, **INFER, **ENSEMBLE, **SUBMIT, **EVALUATE}
@@ -722,6 +756,14 @@ ERROR_LINES = {
     "prepare-vspw-list-file-missing":
         "error: <ws>/vspw/val.txt: list file of split 'val' not found "
         "(prepare.vspw.train_splits names it)",
+    "prepare-rle-csv-image-missing":
+        "error: <ws>/ds/train.csv line 3: image 'vid0_009' not found in <ws>/ds/images",
+    "prepare-rle-csv-two-classes-on-a-pixel":
+        "error: <ws>/ds/train.csv line 3: class 2 and class 1 (line 2) both cover pixel 4 of "
+        "image 'vid0_000'",
+    "prepare-rle-csv-run-outside-the-image":
+        "error: <ws>/ds/train.csv line 2: rle run '40 10' ends at pixel 49, outside the image's "
+        "48 pixels",
     "folds-more-folds-than-videos":
         "error: folds.n_folds=5 needs at least 5 videos but the train split has 4: a fold "
         "would be empty; lower folds.n_folds",
@@ -753,7 +795,7 @@ ERROR_LINES = {
         "deterministic, ..., num_workers, ...",
     "models-params-typo":
         "error: <ws>/params.yaml: unknown key 'models.tiny.batch'; valid keys of 'models.tiny': "
-        "amp, ..., batch_size, ...",
+        "accum_steps, amp, ..., batch_size, ...",
     "train-teacher-of-another-fold":
         "error: models.student.distill.teacher: teacher <ws>/runs/tiny_f0_s0/train/best.pt was "
         "trained with fold 0 held out, but the student holds out fold 1: the teacher has seen "
@@ -782,8 +824,8 @@ ERROR_LINES = {
         "<ws>/runs/tiny_f0_s0/train/snapshots/swa_0000010.pt (...; encoder 'tu-test_resnet' vs "
         "'tu-test_efficientnet_gn'); snapshots of different architectures cannot be averaged",
     "infer-missing-checkpoint":
-        "error: <ws>/runs/tiny_f0_s0: no finished training run (no swa.pt, train/best.pt or "
-        "train/last.pt); run `python pipeline/train.py` first",
+        "error: <ws>/runs/tiny_f0_s0: no finished training run (no swa.pt, train/ema.pt, "
+        "train/best.pt or train/last.pt); run `python pipeline/train.py` first",
     "infer-corrupt-checkpoint":
         "error: <ws>/runs/tiny_f0_s0/train/best.pt: not a readable checkpoint "
         "(not a torch.save archive: truncated or corrupt)",
@@ -839,10 +881,10 @@ ERROR_LINES = {
         "is not an Optuna journal record); delete the file to start over",
     "submit-cityscapes-format-on-demo":
         "error: submission format 'cityscapes' does not fit dataset 'demo' (classes.json); "
-        "formats for it: folder, vspw",
+        "formats for it: folder, vspw, rle_csv",
     "submit-cityscapes-format-on-camvid":
         "error: submission format 'cityscapes' does not fit dataset 'camvid' (classes.json); "
-        "formats for it: folder, camvid",
+        "formats for it: folder, camvid, rle_csv",
     "submit-params-typo":
         "error: <ws>/params.yaml: unknown key 'submit.fromat'; valid keys of 'submit': "
         "format, ...",
@@ -865,4 +907,6 @@ ERROR_LINES = {
         "8-bit PNG can take (1048784); not read",
     "evaluate-read-only-out":
         "error: <ws>/ro/score.json: cannot write (Permission denied)",
+    "evaluate-rle-csv-run-outside-the-frame":
+        "error: <ws>/sub.csv line 2: rle run '90 10' ends at pixel 99, outside the image's 96 pixels",
 }

@@ -87,7 +87,8 @@ def test_demo_defaults_exercise_every_technique():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     train, models = params["train"], params["models"]
     assert params["prepare"]["dataset"] == "demo"
-    assert len(train["seeds"]) >= 2 and train["students"], "several seeds and a student"
+    # one seed keeps `make run` under its 10 minutes; the real-data configs train several
+    assert train["seeds"] and train["students"], "a seed and a student"
     configs = train["models"] + [s["name"] for s in train["students"]]
     families = [models[n].get("family", "primary") for n in configs]
     assert "primary" in families and set(families) - {"primary"}, "S/W and A families"

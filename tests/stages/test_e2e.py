@@ -132,6 +132,11 @@ def test_chain_yields_a_valid_submission_and_metrics(chain):
     assert sorted(p.name for p in (chain / "reports").glob("*.png"))
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], chain)
     assert shown.returncode == 0 and "S_W_A_mIoU" in shown.stdout
+    # the headline copies what was submitted and scored, and DVC lists it as a metric
+    head = json.loads((chain / "metrics.json").read_text())
+    assert head["cv_miou"] == metrics["submitted_mIoU"] and head["test_miou"] == score["mIoU"]
+    assert head["best_single_cv_miou"] == metrics["best_single_mIoU"] <= head["cv_miou"]
+    assert '"cv_miou"' in shown.stdout
 
 
 def test_second_repro_is_a_no_op(chain):

@@ -65,7 +65,7 @@ def test_format_registry_and_dataset_fit():
         assert get_format("auto", dataset=dataset).name == name
     with pytest.raises(PipelineError, match="vspw_offset must be 0 .* or 1"):
         get_format("vspw", dataset="vspw", vspw_offset=2)
-    assert set(FORMATS) == {"folder", "camvid", "cityscapes", "vspw"}
+    assert set(FORMATS) == {"folder", "camvid", "cityscapes", "vspw", "rle_csv"}
 
 
 def test_entry_names_must_fit_the_layout():

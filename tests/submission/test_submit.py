@@ -220,7 +220,7 @@ def test_format_dataset_mismatch_and_typo(tmp_path, capsys):
     line = error_line(capsys)
     assert "'cityscapes'" in line and "'camvid'" in line
     assert run(tmp_path, "--format", "vsp") == 2
-    assert "valid: auto, camvid, cityscapes, folder, vspw" in error_line(capsys)
+    assert "valid: auto, camvid, cityscapes, folder, rle_csv, vspw" in error_line(capsys)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submit": {"formt": "folder"}}))
     assert run(tmp_path) == 2
     assert "submit.formt" in error_line(capsys)
@@ -384,3 +384,91 @@ def test_remove_stale_tmp_is_shallow_unless_asked(tmp_path):
     assert remove_stale_tmp(tmp_path, recursive=True) == [deep / ".v1_02.npz.ab12.tmp"]
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["v1_01.npz"]
     assert remove_stale_tmp(tmp_path / "absent") == []
+
+
+# ----------------------------------------------------------------------------- rle_csv
+@pytest.mark.parametrize("order", ["column", "row"])
+def test_rle_csv_submission_scores_like_its_folder(tmp_path, order):
+    from pipeline.core.rle import RleRow, read_rle_table, rle_labels
+
+    preds = make_project(tmp_path, dataset="demo", num_classes=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submit": {"format": "rle_csv",
+                                                                     "rle": {"order": order}}}))
+    assert run(tmp_path, "--name", "k", "--previews", 0) == 0
+    subs = tmp_path / "subs"
+    info = json.loads((subs / "k.json").read_text())
+    assert info["format"] == "rle_csv" and info["rle_order"] == order and info["table"] == "submission.csv"
+    with zipfile.ZipFile(subs / "k.zip") as zf:
+        assert zf.namelist() == ["submission.csv"]
+        text = zf.read("submission.csv").decode()
+    lines = text.splitlines()
+    assert lines[0] == "id,class,rle" and lines[1].startswith("vid000_0000,")
+    table = read_rle_table(text, name="submission.csv")
+    assert sorted(table) == sorted(preds)
+    for fid, labels in preds.items():  # one row per class present, decoding to the prediction
+        assert [r.cls for r in table[fid]] == sorted(np.unique(labels).tolist())
+        rows = [RleRow(*r) for r in table[fid]]
+        np.testing.assert_array_equal(rle_labels(rows, shape=labels.shape, num_classes=4, fill=255,
+                                                 order=order), labels)
+    reference = evaluate(tmp_path, tmp_path / "pred")
+    assert evaluate(tmp_path, subs / "k.zip") == reference and 0 < reference["mIoU"] < 1
+    # the bare CSV (what a site that wants no zip gets) scores the same with its order
+    (tmp_path / "k.csv").write_text(text)
+    from_csv = evaluate(tmp_path, tmp_path / "k.csv", "--rle-order", order)
+    from_csv.pop("rle_order")
+    assert from_csv == reference
+
+
+def test_rle_csv_check_and_refusals(tmp_path, capsys):
+    make_project(tmp_path, dataset="demo", num_classes=4)
+    assert run(tmp_path, "--format", "rle_csv", "--name", "k", "--previews", 0) == 0
+    frames = read_manifest(tmp_path / "data" / "manifest.csv", split="test")
+    classes = read_classes(tmp_path / "data" / "classes.json")
+    summary = check_zip(tmp_path / "subs" / "k.zip", fmt="rle_csv", frames=frames, classes=classes)
+    assert summary["entries"] == 1 and summary["format"] == "rle_csv" and summary["rows"] >= len(frames)
+    with zipfile.ZipFile(tmp_path / "subs" / "k.zip") as zf:
+        text = zf.read("submission.csv").decode()
+
+    def score(table: str, *args) -> str:
+        (tmp_path / "bad.csv").write_text(table)
+        argv = [str(tmp_path / "bad.csv"), "--manifest", str(tmp_path / "data" / "manifest.csv"),
+                "--params", str(tmp_path / "params.yaml"), *args]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(evaluate_main, argv)
+        assert exit_info.value.code == 2
+        return error_line(capsys)
+
+    lines = text.splitlines()
+    first = lines[1].split(",")
+    assert "bad.csv line 2: class 9 is not a class (0..3)" in score(
+        "\n".join([lines[0], f"{first[0]},9,{first[2]}", *lines[2:]]))
+    assert "match no 'test' frame" in score(text + "vid777_0000,1,1 1\n")
+    assert "1 of 9 labelled 'test' frames have no row; first missing: " in score(
+        "\n".join(line for line in lines if not line.startswith("vid000_0000,")))
+    assert "malformed rle" in score("\n".join([lines[0], f"{first[0]},{first[1]},1 x", *lines[2:]]))
+    assert "--format and --vspw-offset apply to a submission zip only" in score(text, "--format", "folder")
+    # a table missing a frame's pixels is no valid submission
+    with zipfile.ZipFile(tmp_path / "half.zip", "w") as zf:
+        zf.writestr("submission.csv", "\n".join(lines[:2] + lines[3:]))
+    with pytest.raises(PipelineError, match="pixel\\(s\\) of frame 'vid000_0000' are in no row"):
+        check_zip(tmp_path / "half.zip", fmt="rle_csv", frames=frames, classes=classes)
+    with zipfile.ZipFile(tmp_path / "wrapped.zip", "w") as zf:
+        zf.writestr("k/submission.csv", text)
+    with pytest.raises(PipelineError, match="inside the folder 'k/'"):
+        check_zip(tmp_path / "wrapped.zip", fmt="rle_csv", frames=frames, classes=classes)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("submission.csv", text + " " * (8 << 20))
+    with pytest.raises(PipelineError, match="more than a table of 9 frame\\(s\\) can take"):
+        check_zip(tmp_path / "bomb.zip", fmt="rle_csv", frames=frames, classes=classes)
+
+
+def test_rle_order_typos_are_named(tmp_path, capsys):
+    make_project(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submit": {"format": "rle_csv",
+                                                                     "rle": {"ordr": "row"}}}))
+    assert run(tmp_path) == 2
+    assert "unknown key 'submit.rle.ordr'; valid keys of 'submit.rle': order" in error_line(capsys)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"submit": {"format": "rle_csv"}}))
+    assert run(tmp_path, "--rle-order", "rows") == 2
+    assert "submit.rle.order: unknown rle order 'rows'; valid: column, row" in error_line(capsys)
+    assert not (tmp_path / "subs").exists()
