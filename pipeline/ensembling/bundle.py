@@ -51,11 +51,12 @@ from pipeline.ensembling.testmaps import member_test_weights, run_of
 from pipeline.inference.runner import InferParams
 from pipeline.inference.tta import TTAConfig, tta_from_params
 from pipeline.submission.formats import AUTO, get_format
-from pipeline.submission.zips import ZIP_DATE
+from pipeline.submission.zips import ZIP_DATE, open_zip
 
 BUNDLE_FORMAT = "segpipe-ensemble-bundle"
 BUNDLE_VERSION = 1
 BUNDLE_INDEX = "bundle.json"
+BUNDLE_WHAT = "ensemble bundle"
 CHECKPOINT_DIR = "checkpoints"
 SUBMIT_NAME = "submission"   # the zip's name when params.yaml sets no submit.name
 _BLOCK = 1 << 20
@@ -110,7 +111,7 @@ class Ensemble:
         try:
             with contextlib.ExitStack() as stack:
                 if self.bundle:
-                    fh = stack.enter_context(_open_zip(self.origin)).open(run.path)
+                    fh = stack.enter_context(open_zip(self.origin, what=BUNDLE_WHAT)).open(run.path)
                 else:
                     fh = stack.enter_context(open(run.path, "rb"))
                 data = fh.read()
@@ -283,15 +284,6 @@ def _entry(name: str, *, compress: bool) -> zipfile.ZipInfo:
     return info
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: bundle not found") from None
-    except (zipfile.BadZipFile, OSError) as err:
-        raise PipelineError(f"{path}: not an ensemble bundle (not a readable zip: {err})") from None
-
-
 def read_bundle(path: Path) -> Ensemble:
     """The :class:`Ensemble` packed in the bundle ``path`` by :func:`write_bundle`; a missing
     file, another kind of file, a newer version or a damaged index is one PipelineError. The
@@ -299,7 +291,7 @@ def read_bundle(path: Path) -> Ensemble:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: bundle not found")
-    with _open_zip(path) as zf:
+    with open_zip(path, what=BUNDLE_WHAT) as zf:
         try:
             index = json.loads(zf.read(BUNDLE_INDEX))
         except KeyError:

@@ -129,13 +129,15 @@ def write_zip(path: str | Path, entries: Iterable[tuple[str, bytes]], *, check=N
             check(tmp)
 
 
-def _open_zip(path: Path, label: str | None = None) -> zipfile.ZipFile:
+def open_zip(path: Path, label: str | None = None, *, what: str = "submission zip") -> zipfile.ZipFile:
+    """``zipfile.ZipFile(path)``; a missing or unreadable file is one line naming ``label``
+    (default: the path) and ``what`` it should have been."""
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError:
-        raise PipelineError(f"{label or path}: submission zip not found") from None
+        raise PipelineError(f"{label or path}: {what} not found") from None
     except (zipfile.BadZipFile, OSError) as err:
-        raise PipelineError(f"{label or path}: not a readable zip ({err})") from None
+        raise PipelineError(f"{label or path}: not a readable zip ({what}: {err})") from None
 
 
 def _unique_names(zf: zipfile.ZipFile, shown: str) -> None:
@@ -190,7 +192,7 @@ def check_zip(path: str | Path, *, fmt: SubmissionFormat | str, frames: Sequence
         return check_table(source, frames=frames, progress=progress)
     expected = expected_entries(fmt, frames)
     folders = {n.rsplit("/", 1)[0] + "/" for n in expected if "/" in n}
-    with _open_zip(path, shown) as zf:
+    with open_zip(path, shown) as zf:
         _unique_names(zf, shown)
         infos = zf.infolist()
         seen = {i.filename for i in infos}
@@ -223,7 +225,7 @@ def read_table(path: str | Path, *, fmt: SubmissionFormat, frames: Sequence[Fram
     of ``frames`` can be (:func:`table_size_limit`, from the header before it is inflated)."""
     path = Path(path)
     shown = label or str(path)
-    with _open_zip(path, shown) as zf:
+    with open_zip(path, shown) as zf:
         _unique_names(zf, shown)
         files = [i.filename for i in zf.infolist() if not i.is_dir()]
         extra = [n for n in zf.namelist() if n != TABLE_ENTRY]
@@ -268,7 +270,7 @@ class ZipPredictions:
 
     def __init__(self, path: str | Path, *, fmt: SubmissionFormat, num_classes: int):
         self.path, self.fmt, self.num_classes = Path(path), fmt, num_classes
-        self._zip = _open_zip(self.path)
+        self._zip = open_zip(self.path)
         try:
             _unique_names(self._zip, str(self.path))
         except BaseException:
