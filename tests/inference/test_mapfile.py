@@ -56,11 +56,9 @@ def test_uint8_bucket_edges(tmp_path):
     assert back[:, 0, -2:].tolist() == [[0.0, 1.0], [1.0, 0.0]]  # the ends are exact
 
 
-def test_argmax_kept_where_plain_rounding_collides(tmp_path):
-    rng = np.random.default_rng(1)
-    classes, h, w = 6, 20, 30
-    # the winner sits at a higher index than a runner-up that is 1/510..1/255 below it, both in
-    # the same rounding bucket, so plain rounding ties them and argmax picks the runner-up
+def _bucket_ties(rng: np.random.Generator, classes: int, h: int, w: int) -> np.ndarray:
+    """Maps whose winner sits at a higher index than a runner-up 1/510..1/255 below it, both in
+    the same uint8 rounding bucket: plain rounding ties them and argmax picks the runner-up."""
     probs = np.zeros((classes, h, w), np.float32)
     code = rng.integers(60, 120, size=(h, w))
     offset = rng.uniform(0.26, 0.49, size=(h, w))
@@ -71,6 +69,15 @@ def test_argmax_kept_where_plain_rounding_collides(tmp_path):
     probs[high, rows, cols] = (code + offset) / 255
     rest = (1 - probs.sum(axis=0)) / (classes - 2)
     probs += np.where(probs == 0, rest, 0).astype(np.float32)
+    return probs
+
+
+def test_argmax_kept_where_plain_rounding_collides(tmp_path):
+    rng = np.random.default_rng(1)
+    classes, h, w = 6, 20, 30
+    # the winner sits at a higher index than a runner-up that is 1/510..1/255 below it, both in
+    # the same rounding bucket, so plain rounding ties them and argmax picks the runner-up
+    probs = _bucket_ties(rng, classes, h, w)
     probs[:, 0, 0] = 1 / classes  # and an exact tie: argmax is the lowest index, as np.argmax
     assert (np.sort(probs, axis=0)[-1] - np.sort(probs, axis=0)[-2])[1:].min() > 1 / 510
     assert plain_argmax_fails(probs).mean() > 0.9  # the test is adversarial
@@ -336,16 +343,7 @@ def test_topk_argmax_kept_with_planted_ties(tmp_path, k):
     rng = np.random.default_rng(10 + k)
     classes, h, w = 6, 20, 30
     # as in the dense test: winner above a runner-up of a lower index in the same rounding bucket
-    probs = np.zeros((classes, h, w), np.float32)
-    code = rng.integers(60, 120, size=(h, w))
-    offset = rng.uniform(0.26, 0.49, size=(h, w))
-    low = rng.integers(0, classes - 1, size=(h, w))
-    high = low + 1 + rng.integers(0, classes - 1 - low)
-    rows, cols = np.indices((h, w))
-    probs[low, rows, cols] = (code - offset) / 255
-    probs[high, rows, cols] = (code + offset) / 255
-    rest = (1 - probs.sum(axis=0)) / (classes - 2)
-    probs += np.where(probs == 0, rest, 0).astype(np.float32)
+    probs = _bucket_ties(rng, classes, h, w)
     probs[:, 0, 0] = 1 / classes                       # all tie: class 0
     probs[:, 0, 1] = [0.1, 0.1, 0.1, 0.1, 0.3, 0.3]    # two tie at the top: class 4
     probs[:, 0, 2] = [0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
