@@ -11,8 +11,9 @@ architecture with different settings. A run is (model config, fold, seed) and li
       ema.pt         the EMA of the weights at the last checkpoint (with ``ema.decay`` > 0)
       snapshots/     swa_<iteration>.pt, one per SWA cycle
       class_iou.json per-class IoU of the last validation
-    log.csv          iteration, lr, loss parts, images/s (a DVC plot)
-    val.csv          iteration, mIoU, pixel accuracy at each validation (a DVC plot)
+    dvclive/         the training curves, logged with DVCLive (DVC plots): train/ loss parts,
+                     lr, images/s per logged step; val/ mIoU, pixel accuracy per validation
+                     (the layout: :mod:`pipeline.core.curves`)
     metrics.json     the run's final metrics (written by train.py)
     swa.pt           averaged weights (written by swa.py)
 """
@@ -348,12 +349,8 @@ class RunPaths:
         return self.snapshots / f"swa_{iteration:07d}.pt"
 
     @property
-    def log(self) -> Path:
-        return self.root / "log.csv"
-
-    @property
-    def val_log(self) -> Path:
-        return self.root / "val.csv"
+    def curves(self) -> Path:
+        return self.root / "dvclive"
 
     @property
     def class_iou(self) -> Path:

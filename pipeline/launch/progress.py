@@ -9,8 +9,7 @@ validation mIoU and an ETA, e.g.::
 
 The facts come from files the stages already write, so nothing in training changes: the
 stage from the last ``Running stage '...'`` line DVC wrote to the lane's log, the iteration
-from the run's ``log.csv`` and the mIoU from its ``val.csv``
-(:class:`pipeline.core.runs.RunPaths`). The ETA is the remaining iterations at the rate seen
+and the mIoU from the last rows of the run's DVCLive curves (:mod:`pipeline.core.curves`). The ETA is the remaining iterations at the rate seen
 since the board first saw this stage (a resumed run's earlier iterations do not count).
 
 On a terminal the lines are redrawn in place about once a second; into a log (stdout not a
@@ -29,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TextIO
 
+from pipeline.core.curves import TRAIN, VAL, curve_path, last_value
 from pipeline.core.names import parse_run_name, run_name
 from pipeline.core.runs import RunPaths, TrainParams, load_model_params
 
 STAGE_LINE = re.compile(r"Running stage '([^'@]+)@")
-TRAINING_STAGES = ("train", "students")   # the stages that write log.csv as they go
+TRAINING_STAGES = ("train", "students")   # the stages that write curves as they go
 TTY_INTERVAL = 1.0                          # seconds between redraws on a terminal
 LOG_INTERVAL = 60.0                         # seconds between plain progress lines in a log
 _TAIL_BYTES = 4096
@@ -59,21 +59,6 @@ def _tail(path: Path, size: int = _TAIL_BYTES) -> str:
             return fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-
-
-def last_row(path: Path) -> dict[str, str] | None:
-    """The last complete row of a CSV log as {column: value} (None before its first row)."""
-    try:
-        with path.open() as fh:
-            header = fh.readline().strip().split(",")
-    except OSError:
-        return None
-    lines = [line for line in _tail(path).split("\n")[1:-1] if line]  # drop a partial first/last
-    for line in reversed(lines):
-        values = line.split(",")
-        if len(values) == len(header) and values != header:
-            return dict(zip(header, values))
-    return None
 
 
 def current_stage(log: Path) -> str | None:
@@ -109,13 +94,13 @@ class LaneState:
         parts = [f"lane {self.lane}", self.run_dir.name, stage]
         if stage not in TRAINING_STAGES:
             return "  ".join(parts + [_clock(now - self._stage_start)])
-        paths = RunPaths(self.run_dir)
-        row = last_row(paths.log)
-        it = int(row["iter"]) if row and row.get("iter", "").isdigit() else 0
+        curves = RunPaths(self.run_dir).curves
+        logged = last_value(curve_path(curves, TRAIN, "loss"))
+        it = logged[0] if logged else 0
         parts.append(f"{it}/{self.total}")
-        val = last_row(paths.val_log)
-        if val and val.get("miou"):
-            parts.append(f"val {100 * float(val['miou']):.1f}")
+        val = last_value(curve_path(curves, VAL, "miou"))
+        if val:
+            parts.append(f"val {100 * val[1]:.1f}")
         if self._first is None and it:
             self._first = (it, now)
         elif self._first and it > self._first[0] and now > self._first[1]:

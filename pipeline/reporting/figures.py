@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> None:
 
 def plot_training_curves(path: Path, runs: list[Run]) -> bool:
     """Loss (left) and validation mIoU % (right) vs iteration: a row per model, a line per run.
-    Returns False (nothing written) when no run has a log.csv or val.csv."""
+    Returns False (nothing written) when no run has curves (``dvclive/``)."""
     models = sorted({r.model for r in runs if r.log or r.val})
     if not models:
         return False
@@ -43,9 +43,9 @@ def plot_training_curves(path: Path, runs: list[Run]) -> bool:
     for (ax_loss, ax_val), model in zip(axes, models):
         for run in (r for r in runs if r.model == model):
             label = f"f{run.fold} s{run.seed}"
-            if run.log and len(run.log["iter"]):
+            if run.log and "loss" in run.log:
                 ax_loss.plot(run.log["iter"], run.log["loss"], label=label, lw=1)
-            if run.val and len(run.val["iter"]):
+            if run.val and "miou" in run.val:
                 ax_val.plot(run.val["iter"], 100 * run.val["miou"], marker="o", ms=3, label=label, lw=1)
         ax_loss.set(title=f"{model}: training loss", xlabel="iteration", ylabel="loss")
         ax_val.set(title=f"{model}: validation mIoU", xlabel="iteration", ylabel="mIoU %")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from pipeline.core.curves import TRAIN, VAL, read_group
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import member_name, parse_run_name
 from pipeline.core.runs import RunPaths
@@ -22,8 +20,8 @@ class Run:
     model: str
     fold: int | str
     seed: int
-    log: dict | None = None       # {column: float64 [rows]} of log.csv
-    val: dict | None = None       # of val.csv
+    log: dict | None = None       # {"iter": steps, curve: float64 [steps]} of the train curves
+    val: dict | None = None       # of the val curves (pipeline.core.curves)
     metrics: dict | None = None
     swa: dict | None = None
     infer: dict | None = None
@@ -47,33 +45,17 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
-def read_columns(path: Path, required: tuple[str, ...] = ("iter",)) -> dict | None:
-    """Columns of a numeric CSV as {name: float64 [rows]} (None when the file is absent)."""
-    if not path.is_file():
-        return None
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-        names = list(rows[0]) if rows else []
-    if rows and any(col not in names for col in required):
-        raise PipelineError(f"{path}: needs column(s) {', '.join(required)}, has {', '.join(names)}")
-    try:
-        return {n: np.asarray([float(r[n]) if r[n] not in ("", None) else np.nan for r in rows])
-                for n in names}
-    except ValueError as err:
-        raise PipelineError(f"{path}: non-numeric value ({err})") from None
-
-
 def collect_runs(runs_dir: Path) -> list[Run]:
-    """Every run folder under ``runs_dir`` holding a metrics.json or log.csv, sorted by name."""
+    """Every run folder under ``runs_dir`` holding a metrics.json or curves, sorted by name."""
     runs = []
     for entry in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
         parsed, paths = parse_run_name(entry.name), RunPaths(entry)
-        if not (parsed and entry.is_dir() and (paths.metrics.is_file() or paths.log.is_file())):
+        if not (parsed and entry.is_dir() and (paths.metrics.is_file() or paths.curves.is_dir())):
             continue
         model, fold, seed = parsed
         runs.append(Run(entry, model, fold, seed,
-                        log=read_columns(paths.log, ("iter", "loss")),
-                        val=read_columns(paths.val_log, ("iter", "miou")),
+                        log=read_group(paths.curves, TRAIN),
+                        val=read_group(paths.curves, VAL),
                         metrics=read_json(paths.metrics),
                         swa=read_json(paths.swa_metrics),
                         infer=read_json(paths.infer_metrics),

@@ -273,7 +273,7 @@ def build_report(*, runs_dir: str | Path, oof_dir: str | Path, ensemble_dir: str
         if plot_training_curves(tmp / CURVES, runs):
             figures.append(CURVES)
         else:
-            notes.append(f"training curves skipped: no log.csv or val.csv under {runs_dir}")
+            notes.append(f"training curves skipped: no DVCLive curves (<run>/dvclive/) under {runs_dir}")
         series, names = _iou_series(best, scored.get(best), fused, evaluation, name, runs, rows,
                                     classes, members)
         if series:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.core import atomic
+from pipeline.core.curves import TRAIN, VAL
 from pipeline.core.device import Dist
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunConfig, RunPaths
@@ -43,7 +44,7 @@ from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.predict import autocast, validate
 from pipeline.training.distill import student_teacher_logits
 from pipeline.training.ema import ema_state
-from pipeline.training.logs import append_row
+from pipeline.training.logs import CurveLog
 from pipeline.training.memory import check_memory
 from pipeline.training.optim import swa_snapshot_iters
 from pipeline.training.precision import backward, optimizer_step
@@ -114,20 +115,28 @@ def _iterate(run: Run, net: nn.Module, train_ds: SegmentationDataset,
              progress: bool) -> None:
     """Train from iteration ``start`` to the end, logging, snapshotting, validating and
     checkpointing on the config's intervals."""
+    paths, dist, total = run.paths, run.dist, run.cfg.total_iters
+    # one loader batch per forward: step i takes the forwards [i * accum, (i + 1) * accum)
+    loader = build_loader(train_ds, batch_size=run.batch, num_workers=num_workers, seed=run.seed,
+                          start_iter=start * run.cfg.model.accum_steps, rank=run.dist.rank,
+                          world_size=run.dist.world_size, class_draw=_class_draw(run.cfg, run.data))
+    bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
+               disable=(not progress or not dist.is_main) or None, mininterval=1.0)
+    with contextlib.ExitStack() as stack:  # the curves are closed however the loop ends
+        run.curves = stack.enter_context(CurveLog(paths.curves)) if dist.is_main else None
+        _steps(run, net, loader, val_ds, bar, start=start, resumed=resumed)
+
+
+def _steps(run: Run, net: nn.Module, loader, val_ds: SegmentationDataset | None, bar: tqdm, *,
+           start: int, resumed: bool) -> None:
+    """The iterations from ``start`` on (the body of :func:`_iterate`)."""
     cfg, paths, dist, m, swa = run.cfg, run.paths, run.dist, run.cfg.model, run.cfg.swa
     total = cfg.total_iters
     snapshot_at = set(swa_snapshot_iters(max_iters=m.iters, swa_iters=swa.iters, swa_cycle=swa.interval))
     ckpt_every = m.ckpt_interval or m.val_interval
     it = start
     saved_at = start if resumed else None
-    accum = m.accum_steps
-    # one loader batch per forward: step i takes the forwards [i * accum, (i + 1) * accum)
-    loader = build_loader(train_ds, batch_size=run.batch, num_workers=num_workers, seed=run.seed,
-                          start_iter=start * accum, rank=dist.rank, world_size=dist.world_size,
-                          class_draw=_class_draw(cfg, run.data))
     batches = iter(loader)
-    bar = tqdm(total=total, initial=start, desc=paths.root.name, unit="it", dynamic_ncols=True,
-               disable=(not progress or not dist.is_main) or None, mininterval=1.0)
     net.train()
     t0, seen = time.perf_counter(), 0
     while it < total:
@@ -227,12 +236,11 @@ def _update(run: Run) -> float:
 
 def _log_step(run: Run, bar: tqdm, *, it: int, lr: float, loss: torch.Tensor,
               parts: dict[str, torch.Tensor], speed: float) -> None:
-    row = {"iter": it, "lr": f"{lr:.6g}", "loss": f"{loss.item():.5f}",
-           **{k: f"{v.item():.5f}" for k, v in parts.items()},
-           "images_per_s": f"{speed:.2f}"}
+    row = {"lr": lr, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+           "images_per_s": round(speed, 3)}
     if run.scaler is not None:  # fp16: steps skipped so far for inf/NaN gradients
         row["skipped_steps"] = run.state.get("skipped_steps", 0)
-    append_row(run.paths.log, row)
+    run.curves.log(TRAIN, step=it, values=row)
     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
 
 
@@ -272,14 +280,14 @@ def _validate(run: Run, val_ds: SegmentationDataset, bar: tqdm, *, it: int) -> N
         state["best_miou"], state["best_iter"] = scores["miou"], it
         _save(run, paths.best, iteration=it, full=False,
               metric={"miou": scores["miou"], "iter": it})
-    row = {"iter": it, "miou": f"{scores['miou']:.5f}", "pixel_acc": f"{scores['pixel_acc']:.5f}"}
+    row = {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"]}
     if run.ema is not None:  # the average on the same frames, at the same iteration
         cm = validate(run.ema.module, build_eval_loader(val_ds), num_classes=classes.num_classes,
                       device=run.device, amp=m.amp, ignore_index=classes.ignore_index,
                       scale=val_scale(m.augment))
         state["ema"] = {"iter": it, **_scores(cm, classes)}
-        row["ema_miou"] = f"{state['ema']['miou']:.5f}"
-    append_row(paths.val_log, row)
+        row["ema_miou"] = state["ema"]["miou"]
+    run.curves.log(VAL, step=it, values=row)
     bar.write(f"{paths.root.name} iter {it}: val mIoU {100 * scores['miou']:.2f} "
               f"(best {100 * state['best_miou']:.2f} @ {state['best_iter']})")
 

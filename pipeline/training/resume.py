@@ -17,12 +17,11 @@ import shutil
 from typing import Any
 
 from pipeline.core import atomic
+from pipeline.core.curves import cut_curves
 from pipeline.core.errors import PipelineError
-from pipeline.core.runs import (ADDED_KEYS, ADDED_SECTIONS, SUBSECTIONS, ModelParams, RunPaths,
-                                amp_mode)
+from pipeline.core.runs import ADDED_KEYS, ADDED_SECTIONS, SUBSECTIONS, ModelParams, RunPaths, amp_mode
 from pipeline.models.checkpoint import load_checkpoint, restore_training_state
 from pipeline.training.ema import load_ema_state
-from pipeline.training.logs import truncate_log
 from pipeline.training.provenance import data_change
 from pipeline.training.run_setup import Run
 
@@ -91,12 +90,12 @@ def prepare_run_dir(paths: RunPaths, *, start: int, fresh: bool) -> None:
     """Ready the run folder to go on from iteration ``start`` (rank 0's job). A ``fresh``
     start keeps nothing of an earlier run (another config, or one killed before its first
     checkpoint); either way the temporary files of saves cut short by a kill go, and so do the
-    log rows after ``start``, which the run logs again."""
+    curves' rows after ``start``, which the run logs again."""
     if fresh:
         shutil.rmtree(paths.train_dir, ignore_errors=True)
-        for stale in (paths.log, paths.val_log, paths.metrics, paths.swa):
+        shutil.rmtree(paths.curves, ignore_errors=True)
+        for stale in (paths.metrics, paths.swa):
             stale.unlink(missing_ok=True)
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_tmp(paths.train_dir, recursive=True)  # saves cut short by a kill
-    truncate_log(paths.log, upto=start)
-    truncate_log(paths.val_log, upto=start)
+    cut_curves(paths.curves, upto=start)

@@ -25,6 +25,7 @@ from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint, w
 from pipeline.models.wrappers import to_channels_last
 from pipeline.training.distill import build_run_loss
 from pipeline.training.ema import build_ema
+from pipeline.training.logs import CurveLog
 from pipeline.training.memory import check_batch
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.precision import build_scaler
@@ -55,6 +56,7 @@ class Run:
                                                  "last": None})
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (state in last.pt)
     ema: AveragedModel | None = None   # the EMA of the weights (state in last.pt)
+    curves: CurveLog | None = None     # rank 0's DVCLive curves while the loop runs
 
 
 def checkpoint_config(cfg: RunConfig, fold: int | str, seed: int, model_spec: dict,

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.curves import TRAIN, VAL
 from pipeline.core.runs import RunPaths, load_train_params
 from pipeline.launch.lanes import run_lanes
-from pipeline.launch.progress import (Board, LaneState, chain_run, current_stage, lane_states,
-                                      last_row)
+from pipeline.launch.progress import Board, LaneState, chain_run, current_stage, lane_states
 
 from conftest import REPO  # the repository root, defined once
+from test_curves import write_curve
 
 
 class Clock:
@@ -34,9 +35,7 @@ def _lane(tmp_path: Path, *, total: int = 400) -> LaneState:
 
 
 def _log_iters(run_dir: Path, *iters: int) -> None:
-    path = RunPaths(run_dir).log
-    rows = ["iter,lr,loss,images_per_s"] + [f"{it},0.001,1.5,12.0" for it in iters]
-    path.write_text("\n".join(rows) + "\n")
+    write_curve(RunPaths(run_dir).curves, TRAIN, "loss", [(it, 1.5) for it in iters])
 
 
 def test_a_lane_line_shows_stage_iteration_val_and_an_eta_from_the_rate_seen(tmp_path):
@@ -49,7 +48,7 @@ def test_a_lane_line_shows_stage_iteration_val_and_an_eta_from_the_rate_seen(tmp
     first = lane.line(now=10.0)
     assert "100/400" in first and "ETA" not in first  # one observation: no rate yet
     _log_iters(lane.run_dir, 10, 20, 100, 200)
-    RunPaths(lane.run_dir).val_log.write_text("iter,miou,pixel_acc\n200,0.41234,0.8\n")
+    write_curve(RunPaths(lane.run_dir).curves, VAL, "miou", [(200, 0.41234)])
     line = lane.line(now=60.0)  # 100 iterations in 50 s: 200 left take 100 s
     assert line == "lane 1  unet_r10_f0_s1  train  200/400  val 41.2  ETA 1m40s"
 
@@ -64,15 +63,6 @@ def test_a_new_stage_restarts_the_clock_and_drops_the_rate(tmp_path):
     assert lane.line(now=30.0) == "lane 1  unet_r10_f0_s1  swa  0m00s"
     assert lane.line(now=95.0) == "lane 1  unet_r10_f0_s1  swa  1m05s"
     assert current_stage(lane.log) == "swa"
-
-
-def test_last_row_skips_a_partly_written_line(tmp_path):
-    path = tmp_path / "log.csv"
-    assert last_row(path) is None
-    path.write_text("iter,miou\n")
-    assert last_row(path) is None
-    path.write_text("iter,miou\n10,0.5\n20,0.6\n30")  # the writer is mid-line
-    assert last_row(path) == {"iter": "20", "miou": "0.6"}
 
 
 def test_chain_run_names_the_run_folder_of_teachers_and_students(tmp_path):

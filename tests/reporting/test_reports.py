@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.curves import TRAIN, VAL
 from pipeline.core.errors import PipelineError, run_cli
+from pipeline.core.runs import RunPaths
 from pipeline.data.manifest import ClassInfo, Frame, write_classes, write_manifest
 from pipeline.evaluation.metrics import iou_per_class, mean_iou
 from pipeline.inference.members import run_map_dir, write_run_meta
 from pipeline.report import main
 from pipeline.reporting import summary as reports
+
+from test_curves import write_curve
 
 NAMES = ["sky", "road", "car"]
 PALETTE = [[10, 20, 30], [200, 0, 0], [0, 250, 0]]
@@ -31,17 +35,15 @@ def random_cm(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 50, size=(3, 3)) + np.diag(rng.integers(20, 200, size=3))
 
 
-def write_csv(path: Path, header: str, rows: list[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
-
-
 def write_runs(root: Path, *, swa: bool = True, infer: bool = True) -> None:
     for (model, fold), (last, swa_miou, tta) in SCORES.items():
         run = root / "runs" / f"{model}_f{fold}_s0"
-        write_csv(run / "log.csv", "iter,lr,loss,ce,images_per_s",
-                  [(i, 0.001, 2.0 / i, 2.0 / i, 50.0) for i in (1, 2, 3, 4)])
-        write_csv(run / "val.csv", "iter,miou,pixel_acc", [(2, last / 2, 0.5), (4, last, 0.6)])
+        curves = RunPaths(run).curves
+        for name, value in (("lr", lambda i: 0.001), ("loss", lambda i: 2.0 / i),
+                            ("ce", lambda i: 2.0 / i), ("images_per_s", lambda i: 50.0)):
+            write_curve(curves, TRAIN, name, [(i, value(i)) for i in (1, 2, 3, 4)])
+        write_curve(curves, VAL, "miou", [(2, last / 2), (4, last)])
+        write_curve(curves, VAL, "pixel_acc", [(2, 0.5), (4, 0.6)])
         (run / "metrics.json").write_text(json.dumps(
             {"fold": fold, "seed": 0, "val_frames": VAL_FRAMES[fold], "last_miou": last}))
         (run / "train").mkdir()
@@ -302,7 +304,7 @@ def test_no_runs_is_a_one_line_cli_error(tmp_path, capsys, layout):
         runs.mkdir()
     if layout == "unrelated":
         (runs / "notes").mkdir()
-        (runs / "unet_f0_s0").mkdir()  # a run folder without metrics.json or log.csv
+        (runs / "unet_f0_s0").mkdir()  # a run folder without metrics.json or curves
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, ["--runs", str(runs), "--out", str(tmp_path / "reports"), "--no-progress",
                        "--headline", str(tmp_path / "metrics.json")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.core.curves import VAL
 from pipeline.core.device import Dist
 from pipeline.core.errors import PipelineError
 from pipeline.core.names import run_name
@@ -64,11 +65,11 @@ def test_accumulating_run_counts_optimizer_steps_and_resumes_exactly(demo_worksp
     ws = demo_workspace
     cfg = _cfg(ws, batch_size=2, accum_steps=2)  # 8 + 4 SWA steps of 2 x 2 images
     a, metrics_a = _train(ws, cfg, tmp_path / "a")
-    assert _iters(a.log) == list(range(1, 13)) and metrics_a["iterations"] == 12
-    assert [int(r["iter"]) for r in _rows(a.val_log)] == [4, 8, 12]
+    assert _iters(a) == list(range(1, 13)) and metrics_a["iterations"] == 12
+    assert [int(r["iter"]) for r in _rows(a, VAL)] == [4, 8, 12]
     assert sorted(p.name for p in a.snapshots.iterdir()) == ["swa_0000010.pt", "swa_0000012.pt"]
     plain, _ = _train(ws, _cfg(ws), tmp_path / "plain")  # the same schedule over steps
-    assert [r["lr"] for r in _rows(a.log)] == [r["lr"] for r in _rows(plain.log)]
+    assert [r["lr"] for r in _rows(a)] == [r["lr"] for r in _rows(plain)]
 
     _interrupted_run(ws, cfg, tmp_path / "b", monkeypatch, at_call=13)  # forward 2 of step 7
     b = RunPaths(tmp_path / "b" / a.root.name)
@@ -79,8 +80,8 @@ def test_accumulating_run_counts_optimizer_steps_and_resumes_exactly(demo_worksp
     for name in ("last.pt", "best.pt", "snapshots/swa_0000012.pt"):
         _assert_same_tensors(load_checkpoint(b.train_dir / name)["model"],
                              load_checkpoint(a.train_dir / name)["model"])
-    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b.log)] == \
-           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a.log)]
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b)] == \
+           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a)]
     assert metrics_b["last_miou"] == metrics_a["last_miou"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.core.curves import VAL
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunPaths
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
@@ -76,8 +77,8 @@ def test_run_saves_validates_and_resumes_its_ema(demo_workspace, tmp_path, monke
     assert any(not torch.equal(v, last["model"][k]) for k, v in model.state_dict().items()
                if v.is_floating_point())
     # validated on the same frames at the same iterations as the last weights
-    val = _rows(a.val_log)
-    assert [r["iter"] for r in val] == ["4", "8", "12"] and all(r["ema_miou"] for r in val)
+    val = _rows(a, VAL)
+    assert [r["iter"] for r in val] == [4, 8, 12] and all(r["ema_miou"] > 0 for r in val)
     assert metrics_a["ema_miou"] == pytest.approx(float(val[-1]["ema_miou"]), abs=1e-5)
     assert ema_ckpt["metric"]["miou"] == metrics_a["ema_miou"] and ema_ckpt["metric"]["iter"] == 12
     assert metrics_a["last_miou"] == last["metric"]["miou"]
@@ -91,7 +92,7 @@ def test_run_saves_validates_and_resumes_its_ema(demo_workspace, tmp_path, monke
     _assert_same_tensors(load_checkpoint(b.ema)["model"], ema_ckpt["model"])
     _assert_same_tensors(load_checkpoint(b.last)["extra"]["ema"], state)
     assert metrics_b["ema_miou"] == metrics_a["ema_miou"]
-    assert b.val_log.read_text() == a.val_log.read_text()
+    assert _rows(b, VAL) == _rows(a, VAL)
 
 
 def test_no_ema_by_default(demo_workspace, tmp_path):
@@ -99,4 +100,4 @@ def test_no_ema_by_default(demo_workspace, tmp_path):
     paths, metrics = _train(ws, _cfg(ws, swa={"iters": 0}), tmp_path)
     assert not paths.ema.exists() and "ema_miou" not in metrics
     assert "ema" not in load_checkpoint(paths.last)["extra"]
-    assert "ema_miou" not in _rows(paths.val_log)[0]
+    assert "ema_miou" not in _rows(paths, VAL)[0]

@@ -6,7 +6,6 @@ Its helpers (a config, the run's data, a run, its logs) serve the other tests of
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import itertools
 import json
@@ -14,6 +13,7 @@ import json
 import pytest
 import torch
 
+from pipeline.core.curves import TRAIN, VAL, read_group
 from pipeline.core.names import run_name
 from pipeline.core.runs import RunPaths, parse_model_params
 from pipeline.data.dataset import SegmentationDataset
@@ -48,13 +48,15 @@ def _train(ws, cfg, runs, *, fold=0, seed=0, data=None):
     return paths, metrics
 
 
-def _rows(path) -> list[dict]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+def _rows(paths, group: str = TRAIN) -> list[dict]:
+    """The rows of a run's DVCLive curves of ``group``: {"iter": step, curve: value}."""
+    table = read_group(paths.curves, group) or {"iter": []}
+    return [{k: int(v[i]) if k == "iter" else float(v[i]) for k, v in table.items()}
+            for i in range(len(table["iter"]))]
 
 
-def _iters(path) -> list[int]:
-    return [int(r["iter"]) for r in _rows(path)]
+def _iters(paths, group: str = TRAIN) -> list[int]:
+    return [r["iter"] for r in _rows(paths, group)]
 
 
 def _assert_same_tensors(a: dict, b: dict) -> None:
@@ -89,7 +91,7 @@ def test_short_run_learns_and_writes_self_describing_checkpoints(demo_workspace,
     data = dataclasses.replace(full, train_frames=full.train_frames[:4])  # one batch: overfit it
     paths, metrics = _train(ws, cfg, tmp_path / "runs", data=data)
 
-    log = _rows(paths.log)
+    log = _rows(paths)
     assert [int(r["iter"]) for r in log] == list(range(1, 29))
     losses = [float(r["loss"]) for r in log]
     assert all(r["loss"] == r["ce"] for r in log)
@@ -98,7 +100,7 @@ def test_short_run_learns_and_writes_self_describing_checkpoints(demo_workspace,
 
     assert json.loads(paths.metrics.read_text()) == metrics
     assert metrics["iterations"] == 28 and metrics["val_frames"] == len(full.val_frames)
-    val = _rows(paths.val_log)
+    val = _rows(paths, VAL)
     assert [int(r["iter"]) for r in val] == [12, 24, 28]  # every val_interval, end of main, end
     assert metrics["best_miou"] == pytest.approx(max(float(r["miou"]) for r in val), abs=1e-5)
     assert metrics["last_miou"] == pytest.approx(float(val[-1]["miou"]), abs=1e-5)
@@ -152,7 +154,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_workspace
     ckpt = load_checkpoint(paths.last)
     assert ckpt["iteration"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-    assert _iters(paths.log) == [1, 2, 3, 4, 5]
+    assert _iters(paths) == [1, 2, 3, 4, 5]
     assert not paths.metrics.exists()
 
 

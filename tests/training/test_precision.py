@@ -35,8 +35,8 @@ class _InfGradient(torch.autograd.Function):
 def test_fp16_with_its_scaler_trains_on_the_cpu(demo_workspace, tmp_path):
     ws = demo_workspace
     paths, metrics = _train(ws, _cfg(ws, amp="fp16", swa={"iters": 0}), tmp_path)
-    log = _rows(paths.log)
-    assert _iters(paths.log) == list(range(1, 9))
+    log = _rows(paths)
+    assert _iters(paths) == list(range(1, 9))
     assert all(math.isfinite(float(r["loss"])) for r in log)
     assert float(log[-1]["loss"]) < float(log[0]["loss"])
     assert [int(r["skipped_steps"]) for r in log] == [0] * 8 and metrics["skipped_steps"] == 0
@@ -45,7 +45,7 @@ def test_fp16_with_its_scaler_trains_on_the_cpu(demo_workspace, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # the default (amp: true = auto) is float32 on the CPU: no scaler, no column
     plain, metrics = _train(ws, _cfg(ws, swa={"iters": 0}), tmp_path / "plain")
-    assert load_checkpoint(plain.last)["scaler"] is None and "skipped_steps" not in _rows(plain.log)[0]
+    assert load_checkpoint(plain.last)["scaler"] is None and "skipped_steps" not in _rows(plain)[0]
     assert metrics["skipped_steps"] == 0
 
 
@@ -79,8 +79,8 @@ def test_resumed_fp16_run_equals_an_uninterrupted_one(demo_workspace, tmp_path, 
         _assert_same_tensors(load_checkpoint(b.train_dir / name)["model"],
                              load_checkpoint(a.train_dir / name)["model"])
     assert load_checkpoint(b.last)["scaler"] == load_checkpoint(a.last)["scaler"]
-    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b.log)] == \
-           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a.log)]
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b)] == \
+           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a)]
     assert metrics_b["skipped_steps"] == metrics_a["skipped_steps"]
 
 
@@ -95,9 +95,9 @@ def test_inf_gradients_skip_the_step_and_are_counted(demo_workspace, tmp_path, m
     _loss_hook(monkeypatch, inf_at_3)
     paths, metrics = _train(ws, cfg, tmp_path / "inf")  # no NonFiniteLoss: the loss is finite
     assert metrics["skipped_steps"] == 1 and metrics["iterations"] == 8
-    log = _rows(paths.log)
+    log = _rows(paths)
     assert [int(r["skipped_steps"]) for r in log] == [0, 0, 0, 1, 1, 1, 1, 1]
-    assert [r["loss"] for r in log[:4]] == [r["loss"] for r in _rows(clean.log)[:4]]
+    assert [r["loss"] for r in log[:4]] == [r["loss"] for r in _rows(clean)[:4]]
     ckpt = load_checkpoint(paths.last)
     assert ckpt["scaler"]["scale"] == 65536.0 / 2  # backed off once
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -87,7 +87,7 @@ def test_a_run_starts_over_when_its_folds_or_frames_change(demo_workspace, tmp_p
     out = capsys.readouterr().out
     assert f"{paths.last}: training frames changed (fold assignment), validation frames " \
            f"changed (fold assignment); starting tiny_f0_s0 over\n" in out
-    assert "resuming" not in out and _iters(paths.log) == [1, 2, 3, 4]
+    assert "resuming" not in out and _iters(paths) == [1, 2, 3, 4]
     _train(ws, cfg, runs, data=other)
     assert "resuming tiny_f0_s0 from iteration 4/4" in capsys.readouterr().out
 

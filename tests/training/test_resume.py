@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from pipeline.core.curves import TRAIN, VAL, curve_path
 from pipeline.core.runs import RunPaths
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.resume import _compatible
@@ -42,7 +43,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(demo_workspace, tmp_pat
     # last.pt holds iteration 6, the log goes to 7
     b = RunPaths(tmp_path / "b" / a.root.name)
     assert load_checkpoint(b.last)["iteration"] == 6
-    assert _iters(b.log) == list(range(1, 8))
+    assert _iters(b) == list(range(1, 8))
     assert not b.metrics.exists()
     capsys.readouterr()
 
@@ -55,11 +56,11 @@ def test_resume_after_interrupt_equals_uninterrupted_run(demo_workspace, tmp_pat
     for k in opt_a:
         _assert_same_tensors(opt_a[k], opt_b[k])
     # the log continues without repeats and holds the uninterrupted run's losses
-    log_a, log_b = _rows(a.log), _rows(b.log)
-    assert _iters(b.log) == list(range(1, 13))
+    log_a, log_b = _rows(a), _rows(b)
+    assert _iters(b) == list(range(1, 13))
     assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in log_b] == \
            [{k: v for k, v in r.items() if k != "images_per_s"} for r in log_a]
-    assert b.val_log.read_text() == a.val_log.read_text()
+    assert _rows(b, VAL) == _rows(a, VAL)
     same = ("best_miou", "best_iter", "last_miou", "last_pixel_acc", "swa_snapshots")
     assert {k: metrics_b[k] for k in same} == {k: metrics_a[k] for k in same}
     assert b.class_iou.read_text() == a.class_iou.read_text()
@@ -69,8 +70,9 @@ def test_finished_run_is_a_no_op_and_a_new_config_starts_over(demo_workspace, tm
     ws = demo_workspace
     cfg = _cfg(ws)
     paths, metrics = _train(ws, cfg, tmp_path)
-    files = {p: p.read_bytes() for p in (paths.last, paths.best, paths.log, paths.val_log,
-                                         paths.snapshot(12))}
+    files = {p: p.read_bytes() for p in (paths.last, paths.best, paths.snapshot(12),
+                                         curve_path(paths.curves, TRAIN, "loss"),
+                                         curve_path(paths.curves, VAL, "miou"))}
     paths.metrics.unlink()
     capsys.readouterr()
     _, again = _train(ws, cfg, tmp_path)
@@ -87,9 +89,9 @@ def test_finished_run_is_a_no_op_and_a_new_config_starts_over(demo_workspace, tm
     out = capsys.readouterr().out
     assert f"{paths.last}: saved with another config; starting {paths.root.name} over" in out
     assert load_checkpoint(paths.last)["config"]["run"] == new.to_dict()
-    assert _iters(paths.log) == list(range(1, 7))
-    assert list(_rows(paths.log)[0]) == ["iter", "lr", "loss", "ce", "dice", "images_per_s"]
-    assert _iters(paths.val_log) == [4, 6]
+    assert _iters(paths) == list(range(1, 7))
+    assert set(_rows(paths)[0]) == {"iter", "lr", "loss", "ce", "dice", "images_per_s"}
+    assert _iters(paths, VAL) == [4, 6]
     assert not paths.swa.exists() and not paths.snapshots.exists()
     assert metrics["swa_snapshots"] == 0 and metrics["iterations"] == 6
 
@@ -145,14 +147,14 @@ def test_rare_sampling_resumes_its_stream_and_another_sampling_starts_over(
     _train(ws, cfg, tmp_path / "b")
     assert f"resuming {a.root.name} from iteration 4/8" in capsys.readouterr().out
     _assert_same_tensors(load_checkpoint(b.last)["model"], load_checkpoint(a.last)["model"])
-    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b.log)] == \
-           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a.log)]
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(b)] == \
+           [{k: v for k, v in r.items() if k != "images_per_s"} for r in _rows(a)]
 
     # the uniform default in the same folder is another run, on another stream
     _train(ws, _cfg(ws, swa={"iters": 0}), tmp_path / "b")
     assert f"{b.last}: saved with another config; starting {b.root.name} over" in \
         capsys.readouterr().out
-    assert [r["loss"] for r in _rows(b.log)] != [r["loss"] for r in _rows(a.log)]
+    assert [r["loss"] for r in _rows(b)] != [r["loss"] for r in _rows(a)]
 
 
 def test_checkpoint_from_before_sampling_resumes_under_the_default(demo_workspace):

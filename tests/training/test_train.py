@@ -3,27 +3,26 @@ and resume, and a 2-process gloo DDP run (torchrun) on the CPU."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.core.curves import VAL
 from pipeline.core.errors import run_cli
 from pipeline.core.runs import RunPaths
 from pipeline.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.train import main
 from pipeline.training.run_data import teacher_weights
 
+from test_loop import _assert_same_tensors, _iters, _rows
+
 TIMEOUT = 180  # seconds, for a subprocess that should take ~10
-
-
 
 
 def cli(argv, capsys) -> tuple[int, str, str]:
@@ -31,21 +30,6 @@ def cli(argv, capsys) -> tuple[int, str, str]:
         run_cli(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
-
-
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _iters(path: Path) -> list[int]:
-    return [int(r["iter"]) for r in _rows(path)]
-
-
-def _assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def _env() -> dict:
@@ -112,7 +96,7 @@ def test_fold_all_trains_on_every_frame_without_validation(demo_workspace, tmp_p
     n_train = sum(1 for line in demo_workspace.folds.read_text().splitlines()[1:] if line)
     assert (metrics["train_frames"], metrics["val_frames"]) == (n_train, 0)
     assert metrics["best_miou"] is None and metrics["iterations"] == 4
-    assert not paths.val_log.exists()
+    assert _rows(paths, VAL) == [] and _iters(paths) == [1, 2, 3, 4]  # no validation curve
     best, last = load_checkpoint(paths.best), load_checkpoint(paths.last)
     assert best["fold"] == "all" and best["iteration"] == last["iteration"] == 4
     _assert_same_tensors(best["model"], last["model"])
@@ -133,8 +117,8 @@ def test_student_distills_from_the_teacher_run_of_its_fold(demo_workspace, tmp_p
     teacher = ws.train("tiny", 0, params=params, runs=runs)
     main(ws.train_args("student", 0, params=params, runs=runs))
     student = RunPaths(runs / "student_f0_s0")
-    log = _rows(student.log)
-    assert list(log[0]) == ["iter", "lr", "loss", "ce", "distill", "images_per_s"]
+    log = _rows(student)
+    assert set(log[0]) == {"iter", "lr", "loss", "ce", "distill", "images_per_s"}
     for row in log:
         loss, ce, kd = (float(row[k]) for k in ("loss", "ce", "distill"))
         assert kd > 0 and loss == pytest.approx(ce + 0.5 * kd, abs=2e-5)
@@ -160,7 +144,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(demo_workspace, tmp_pat
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (b.last.is_file() and b.log.is_file() and len(_rows(b.log)) >= 10):
+        while not (b.last.is_file() and len(_rows(b)) >= 10):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
@@ -180,9 +164,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(demo_workspace, tmp_pat
     for name in ("last.pt", "best.pt"):
         _assert_same_tensors(load_checkpoint(b.train_dir / name)["model"],
                              load_checkpoint(a.train_dir / name)["model"])
-    assert _iters(b.log) == list(range(1, 61))  # no duplicate iteration after the resume
-    assert [r["loss"] for r in _rows(b.log)] == [r["loss"] for r in _rows(a.log)]
-    assert b.val_log.read_text() == a.val_log.read_text()
+    assert _iters(b) == list(range(1, 61))  # no duplicate iteration after the resume
+    assert [r["loss"] for r in _rows(b)] == [r["loss"] for r in _rows(a)]
+    assert _rows(b, VAL) == _rows(a, VAL)
     assert not list(b.root.rglob("*.tmp"))
 
 
@@ -201,8 +185,8 @@ def test_two_process_gloo_ddp_run(demo_workspace, tmp_path, repo_root):
     assert done.returncode == 0, done.stderr[-3000:]
     paths = RunPaths(tmp_path / "runs" / "tiny_f0_s0")
     assert done.stdout.count(f"{paths.root}: done, 6 iterations") == 1  # rank 0 reports
-    assert _iters(paths.log) == list(range(1, 7))  # rank 0 logs, once per iteration
-    assert _iters(paths.val_log) == [2, 4, 6]
+    assert _iters(paths) == list(range(1, 7))  # rank 0 logs, once per iteration
+    assert _iters(paths, VAL) == [2, 4, 6]
     assert sorted(p.name for p in paths.snapshots.iterdir()) == ["swa_0000006.pt"]
     assert not list(paths.root.rglob("*.tmp"))
     model, ckpt = model_from_checkpoint(paths.last)
