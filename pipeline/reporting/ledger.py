@@ -16,8 +16,10 @@ frames, so its gain is a paired difference:
   same seed, both SWA + TTA);
 * ``ensemble``: best single, uniform mean, P_S, P_S + a P_W, P_S + a P_W + b P_A, each step's
   gain over the row before it, and the last row's gain over the best single member;
-* ``logit adjustment`` / ``OHEM``: only where two model configs differ in nothing but that switch
-  (their members of the same seeds are compared); otherwise the row says "not measured".
+* ``logit adjustment`` / ``OHEM`` / ``rare-class sampling``: only where two model configs differ
+  in nothing but that switch (their members of the same seeds are compared); otherwise the row
+  says "not measured". ``rare frames`` / ``rare crops``: one class-aware draw added with the
+  other held as it is, so rare frames on top of rare crops is measured too.
 
 Verdicts: ``helps`` when the gain exceeds the noise band, ``hurts`` when it is below minus the
 band, ``within noise`` otherwise. The band is the largest spread (max - min) between the seeds
@@ -27,10 +29,12 @@ the verdict says so instead of guessing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from pipeline.core.names import BEST_SINGLE, ENSEMBLE_ROWS, MAP_SPLITS, UNIFORM_MEAN
+from pipeline.core.runs import RARE, SamplingParams
 
 ROW_LABELS = {BEST_SINGLE: "best single", UNIFORM_MEAN: "uniform mean", "S": "P_S",
               "S_W": "P_S + a P_W", "S_W_A": "P_S + a P_W + b P_A"}
@@ -149,13 +153,27 @@ def _la_on(config: Mapping[str, Any]) -> bool:
 
 def _rare_sampling(config: Mapping[str, Any]) -> bool:
     sampling = config.get("sampling") or {}
-    return "rare" in (sampling.get("frames"), sampling.get("crops"))
+    return RARE in (sampling.get("frames"), sampling.get("crops"))
+
+
+def _sampling_without(config: Mapping[str, Any], keys: Sequence[str]) -> dict:
+    """The config with the sampling ``keys`` removed; a sampling key at its default counts as
+    absent, so that ``{crops: rare}`` and ``{crops: rare, crop_share: 0.5}`` are the same."""
+    defaults = dataclasses.asdict(SamplingParams())
+    rest = {k: v for k, v in (config.get("sampling") or {}).items()
+            if k not in keys and v != defaults.get(k)}
+    return {**_strip(config, ("sampling",)), **({"sampling": rest} if rest else {})}
 
 
 SWITCHES = {  # technique -> (is it on in this config?, the config with the switch neutralised)
     "logit adjustment": (_la_on, lambda c: _strip(c, ("logit_adjust",))),
     "OHEM": (_uses_ohem, lambda c: {**c, "loss": _ohem_free(c)}),
     "rare-class sampling": (_rare_sampling, lambda c: _strip(c, ("sampling",))),
+    # one of the two draws added, the other held as it is (e.g. rare frames on top of rare crops)
+    "rare frames": (lambda c: (c.get("sampling") or {}).get("frames") == RARE,
+                    lambda c: _sampling_without(c, ("frames", "temperature"))),
+    "rare crops": (lambda c: (c.get("sampling") or {}).get("crops") == RARE,
+                   lambda c: _sampling_without(c, ("crops", "crop_share"))),
 }
 
 

@@ -133,6 +133,29 @@ def test_rare_sampling_pairs_configs_that_differ_only_in_sampling():
     assert switch_pairs({"a": other, "unet": MODELS["unet"]}, "rare-class sampling") == []
 
 
+def test_rare_frames_and_rare_crops_are_measured_with_the_other_draw_held():
+    crops = {**MODELS["unet"], "sampling": {"crops": "rare"}}
+    both = {**MODELS["unet"], "sampling": {"frames": "rare", "temperature": 0.01,
+                                           "crops": "rare", "crop_share": 0.5}}
+    hot = {**both, "sampling": {**both["sampling"], "temperature": 0.1}}
+    models = {"unet": MODELS["unet"], "unet_rc": crops, "unet_rfc": both, "unet_rfc_hot": hot}
+    # rare frames added on top of rare crops (crop_share 0.5 is the default: the same crops)
+    assert switch_pairs(models, "rare frames") == [("unet_rfc", "unet_rc"),
+                                                   ("unet_rfc_hot", "unet_rc")]
+    assert switch_pairs(models, "rare crops") == [("unet_rc", "unet")]
+    assert switch_pairs(models, "rare-class sampling") == [
+        ("unet_rc", "unet"), ("unet_rfc", "unet"), ("unet_rfc_hot", "unet")]
+    scores = {"unet_s0": MemberScores(model="unet", seed=0, oof={"tta": 0.40}),
+              "unet_rc_s0": MemberScores(model="unet_rc", seed=0, oof={"tta": 0.41}),
+              "unet_rfc_s0": MemberScores(model="unet_rfc", seed=0, oof={"tta": 0.43})}
+    ledger = build_ledger(members=scores, models=models)
+    (frames,) = rows_of(ledger, "rare frames")
+    assert frames["subject"] == "unet_rfc vs unet_rc (seed 0)"
+    assert frames["gain"] == pytest.approx(0.02)
+    (crops_row,) = rows_of(ledger, "rare crops")
+    assert crops_row["gain"] == pytest.approx(0.01)
+
+
 def test_ema_against_last_on_the_same_folds():
     from pipeline.reporting.ledger import ema_scores
 
