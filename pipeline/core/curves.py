@@ -10,9 +10,9 @@ Training logs through DVCLive (:mod:`pipeline.training.logs`), DVC's own experim
                                       part, images_per_s (and skipped_steps under fp16)
       plots/metrics/val/miou.tsv      per validation; also pixel_acc (and ema_miou with EMA)
 
-A curve's step is the training iteration (optimizer steps). ``dvc plots show``, ``dvc exp
-show`` and DVC's editor integrations read the folder as ``dvc.yaml`` declares it; the report
-and the lanes' progress board read it here. This module needs no DVCLive: the files are plain
+A curve's step is the training iteration (optimizer steps). ``dvc plots show`` / ``diff`` and
+DVC's editor integrations read the folder as ``dvc.yaml`` declares it; the report and the
+lanes' progress board read it here. This module needs no DVCLive: the files are plain
 TSV and JSON.
 """
 
@@ -71,7 +71,8 @@ def read_group(live_dir: Path, group: str) -> dict[str, np.ndarray] | None:
     """Every curve of ``group`` on one step axis: ``{"iter": steps, name: values}`` (NaN where
     a curve has no value at a step); None when the group has no curve."""
     folder = metrics_dir(live_dir) / group
-    curves = {p.stem: read_curve(p) for p in sorted(folder.glob(f"*{_TSV}"))} if folder.is_dir() else {}
+    paths = sorted(folder.glob(f"*{_TSV}")) if folder.is_dir() else []
+    curves = {p.stem: read_curve(p) for p in paths}
     if not curves:
         return None
     steps = np.unique(np.concatenate([s for s, _ in curves.values()]))

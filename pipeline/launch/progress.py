@@ -9,8 +9,9 @@ validation mIoU and an ETA, e.g.::
 
 The facts come from files the stages already write, so nothing in training changes: the
 stage from the last ``Running stage '...'`` line DVC wrote to the lane's log, the iteration
-and the mIoU from the last rows of the run's DVCLive curves (:mod:`pipeline.core.curves`). The ETA is the remaining iterations at the rate seen
-since the board first saw this stage (a resumed run's earlier iterations do not count).
+and the mIoU from the last rows of the run's DVCLive curves (:mod:`pipeline.core.curves`).
+The ETA is the remaining iterations at the rate seen since the board first saw this stage (a
+resumed run's earlier iterations do not count).
 
 On a terminal the lines are redrawn in place about once a second; into a log (stdout not a
 terminal) the same lines are printed as plain text every ``interval`` seconds, and messages
