@@ -84,16 +84,22 @@ def read_group(live_dir: Path, group: str) -> dict[str, np.ndarray] | None:
     return table
 
 
-def last_value(path: Path) -> tuple[int, float] | None:
-    """The last complete (step, value) of a curve that is being written (None before its first
-    row); reads only the file's tail, so that polling a long curve stays cheap."""
+def tail_text(path: Path, size: int = 4096) -> str:
+    """The last ``size`` bytes of a file that may be being written, as text ('' when it is
+    missing): polling a long log or curve stays cheap."""
     try:
         with path.open("rb") as fh:
             fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 4096))
-            lines = fh.read().decode("utf-8", errors="replace").split("\n")
+            fh.seek(max(0, fh.tell() - size))
+            return fh.read().decode("utf-8", errors="replace")
     except OSError:
-        return None
+        return ""
+
+
+def last_value(path: Path) -> tuple[int, float] | None:
+    """The last complete (step, value) of a curve that is being written (None before its first
+    row), from the file's tail."""
+    lines = tail_text(path).split("\n")
     for line in reversed(lines[1:-1] if len(lines) > 2 else []):  # drop partial first/last
         parts = line.strip().split("\t")
         if len(parts) >= 2 and parts[0].isdigit():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TextIO
 
-from pipeline.core.curves import TRAIN, VAL, curve_path, last_value
+from pipeline.core.curves import TRAIN, VAL, curve_path, last_value, tail_text
 from pipeline.core.names import parse_run_name, run_name
 from pipeline.core.runs import RunPaths, TrainParams, load_model_params
 
@@ -37,7 +37,6 @@ STAGE_LINE = re.compile(r"Running stage '([^'@]+)@")
 TRAINING_STAGES = ("train", "students")   # the stages that write curves as they go
 TTY_INTERVAL = 1.0                          # seconds between redraws on a terminal
 LOG_INTERVAL = 60.0                         # seconds between plain progress lines in a log
-_TAIL_BYTES = 4096
 
 
 def chain_run(chain: Sequence[str], *, students: Sequence[Mapping], runs_dir: Path) -> Path:
@@ -50,21 +49,9 @@ def chain_run(chain: Sequence[str], *, students: Sequence[Mapping], runs_dir: Pa
     return runs_dir / run_name(name, int(fold), int(seed))
 
 
-def _tail(path: Path, size: int = _TAIL_BYTES) -> str:
-    """The last ``size`` bytes of a file as text ('' when it is missing)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, 2)
-            end = fh.tell()
-            fh.seek(max(0, end - size))
-            return fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
 def current_stage(log: Path) -> str | None:
     """The stage DVC last started in a lane's log (``train``, ``swa``, ``infer``, ...)."""
-    found = STAGE_LINE.findall(_tail(log, 1 << 16))
+    found = STAGE_LINE.findall(tail_text(log, 1 << 16))
     return found[-1] if found else None
 
 
